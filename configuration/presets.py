@@ -1,0 +1,48 @@
+"""Named configurations. `tiny*` presets are for tests; full-size presets are shapes only (never built in tests)."""
+from __future__ import annotations
+
+_TINY_COMMON = dict(
+    vocab_size=256, hidden_size=64, num_hidden_layers=4, intermediate_size=128, max_position_embeddings=2048,
+    num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
+PRESETS: dict[str, dict] = {
+    # MLA with low-rank queries, dense first layer then MoE (group-limited routing), one hash-routed layer.
+    "tiny": dict(
+        _TINY_COMMON,
+        attention_types=["mla"] * 4,
+        ffn_types=["dense", "hash_moe", "moe", "moe"],
+        q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=4, topk_group=2, scoring_func="sigmoid", routed_scaling_factor=2.5,
+    ),
+    # Dense grouped-query attention (Llama-style): the shape pretrained dense models are hosted in.
+    "tiny-gqa": dict(
+        _TINY_COMMON,
+        attention_types=["gqa"] * 4, ffn_types=["dense"] * 4, num_key_value_heads=2,
+    ),
+    # DeepSeek-V3 / V3.1 (671B total, 37B active). Shape from the official config.json.
+    "deepseek-v3": dict(
+        vocab_size=129280, hidden_size=7168, num_hidden_layers=61, intermediate_size=18432,
+        max_position_embeddings=163840, num_attention_heads=128, num_key_value_heads=128,
+        attention_types=["mla"] * 61, first_k_dense_replace=3,
+        ffn_types=["dense"] * 3 + ["moe"] * 58,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+        n_group=8, topk_group=4, scoring_func="sigmoid", routed_scaling_factor=2.5, norm_topk_prob=True,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, original_max_position_embeddings=4096,
+                             beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
+        bos_token_id=0, eos_token_id=1,
+    ),
+}
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def preset_kwargs(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; available presets: {list_presets()}.")
+    return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+            for k, v in PRESETS[name].items()}

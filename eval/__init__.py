@@ -1,0 +1,1 @@
+"""Evaluation metrics, benchmarks and runner (planned: see README)."""

@@ -1,0 +1,52 @@
+"""`gqa` attention: multi-head / grouped-query attention with (partial) RoPE, Llama-compatible weights."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention_common import attention_kernel
+from .rope import apply_rope
+
+
+class GQAAttention(nn.Module):
+    kind = "gqa"
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.rotary_dim = int(self.head_dim * config.partial_rotary_factor)
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    @staticmethod
+    def rope_dim(config) -> int:
+        return int(config.head_dim * config.partial_rotary_factor)
+
+    def _rope(self, x, cos, sin):
+        if self.rotary_dim == self.head_dim:
+            return apply_rope(x, cos, sin, interleaved=False)
+        rot, rest = x.split([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
+        return torch.cat((apply_rope(rot, cos, sin, interleaved=False), rest), dim=-1)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        b, s, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, H, S, D]
+        k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        out, weights = attention_kernel(self.config)(
+            self, q, k, v, attention_mask, scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0, **kwargs,
+        )
+        return self.o_proj(out.reshape(b, s, -1)), weights

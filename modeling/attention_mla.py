@@ -1,0 +1,120 @@
+"""`mla` attention: Multi-head Latent Attention (DeepSeek-V2 §2.1, V3).
+
+Per token the cache holds only the normalised KV latent c_kv [r] and the shared RoPE key k_rope [d_r]
+(stored as the cache layer's keys and values). Two equivalent ways to attend:
+
+* expanded (prefill, training): k = [W_UK c_kv ; k_rope], v = W_UV c_kv per head, then a standard
+  kernel. For sdpa, v is zero-padded to the q/k head dim so torch uses its fused (flash) CPU kernel
+  instead of the quadratic-memory math fallback it takes when the head dims differ.
+* absorbed (decode): W_UK is folded into the query and W_UV applied after attention, so the latent cache
+  is read directly as one shared 'MQA' head and never re-expanded (cost per step O(T·(r + d_r)) per
+  head instead of O(T·r·H·(d_nope + d_v)) for re-expansion).
+The cheaper path is chosen per call from the FLOP counts (see `_use_absorbed`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention_common import apply_mask, attention_kernel, causal_bool_mask
+from .norm import RMSNorm
+from .rope import apply_rope, softmax_scale
+
+
+class MLAAttention(nn.Module):
+    kind = "mla"
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
+        self.nope_dim, self.rope_head_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.qk_dim = self.nope_dim + self.rope_head_dim
+        self.num_key_value_groups = 1  # keys/values are per head once expanded
+        self.scaling = softmax_scale(config.rope_parameters, self.qk_dim)
+        self.is_causal = True
+        h, bias = config.hidden_size, config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.num_heads * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=bias)
+
+    @staticmethod
+    def rope_dim(config) -> int:
+        return config.qk_rope_head_dim
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        b, s, _ = hidden_states.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q = q.view(b, s, self.num_heads, self.qk_dim).transpose(1, 2)  # [B, H, S, dn + dr]
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_head_dim], dim=-1)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv).unsqueeze(1)  # [B, 1, S, r]
+        cos, sin = position_embeddings
+        interleaved = self.config.rope_interleave
+        q_rope = apply_rope(q_rope, cos, sin, interleaved)
+        k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, interleaved)  # [B, 1, S, dr]
+        if past_key_values is not None:
+            c_kv, k_rope = past_key_values.update(c_kv, k_rope, self.layer_idx)  # [B, 1, T, r], [B, 1, T, dr]
+        if self._use_absorbed(s, c_kv.shape[2], attention_mask):
+            out, weights = self._absorbed(q_nope, q_rope, c_kv, k_rope, attention_mask)
+        else:
+            out, weights = self._expanded(q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs)
+        return self.o_proj(out.reshape(b, s, -1)), weights
+
+    def _use_absorbed(self, q_len: int, kv_len: int, attention_mask) -> bool:
+        if self.training or not (attention_mask is None or isinstance(attention_mask, torch.Tensor)):
+            return False  # training keeps one path for autograd; flex BlockMasks only fit the kernel path
+        if self.config._attn_implementation not in ("sdpa", "eager"):
+            return False
+        r, dn, dr, dv = self.kv_lora_rank, self.nope_dim, self.rope_head_dim, self.v_dim
+        expanded = kv_len * r * (dn + dv) + q_len * kv_len * (dn + dr + dv)
+        absorbed = q_len * r * (dn + dv) + q_len * kv_len * (2 * r + dr)
+        return absorbed < expanded
+
+    def _expanded(self, q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs):
+        b, h, t = q_nope.shape[0], self.num_heads, c_kv.shape[2]
+        kv = self.kv_b_proj(c_kv.squeeze(1)).view(b, t, h, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B, H, T, dn], [B, H, T, dv]
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(b, h, t, self.rope_head_dim)), dim=-1)
+        pad = self.qk_dim - self.v_dim if self.config._attn_implementation == "sdpa" else 0
+        if pad > 0:
+            v = F.pad(v, (0, pad))
+        elif pad < 0:
+            q, k = F.pad(q, (0, -pad)), F.pad(k, (0, -pad))  # zero dims change no score
+        out, weights = attention_kernel(self.config)(
+            self, q, k, v, attention_mask, scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0, **kwargs,
+        )
+        return out[..., : self.v_dim], weights  # [B, S, H, dv]
+
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, attention_mask):
+        b, h, s, _ = q_nope.shape
+        t = c_kv.shape[2]
+        w = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, dn, r], [H, dv, r]
+        q_lat = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
+        # heads fold into the row dimension so the shared latent cache is read once, never copied per head
+        scores = torch.bmm(q_lat.reshape(b, h * s, -1), c_kv[:, 0].transpose(1, 2))
+        scores = scores + torch.bmm(q_rope.reshape(b, h * s, -1), k_rope[:, 0].transpose(1, 2))
+        scores = scores.view(b, h, s, t) * self.scaling
+        if attention_mask is None and s > 1:
+            attention_mask = causal_bool_mask(s, t, scores.device)
+        if attention_mask is not None:
+            scores = apply_mask(scores, attention_mask)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
+        o_lat = torch.bmm(probs.view(b, h * s, t), c_kv[:, 0]).view(b, h, s, -1)  # [B, H, S, r]
+        out = torch.einsum("bhsr,hvr->bshv", o_lat, w_uv)  # [B, S, H, dv]
+        return out, probs

@@ -1,0 +1,283 @@
+"""Composition only: decoder layer, PreTrainedModel, SeekV4Model and SeekV4ForCausalLM.
+
+Each layer takes its attention and FFN implementation from the config's per-layer schedules; the
+layer itself only knows their interfaces (see ARCHITECTURE.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from ..configuration import SeekV4Config
+from .attention_gqa import GQAAttention
+from .attention_mla import MLAAttention
+from .moe import DenseFFN, Experts, HashRouter, MoE, Router
+from .norm import RMSNorm
+from .rope import RotaryEmbedding, compute_inv_freq
+
+ATTENTION_CLASSES = {"gqa": GQAAttention, "mla": MLAAttention}
+
+
+def build_ffn(config, kind: str) -> nn.Module:
+    if kind == "dense":
+        return DenseFFN(config)
+    return MoE(config, hashed=kind == "hash_moe")
+
+
+@dataclass
+class SeekV4ModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class SeekV4CausalLMOutput(ModelOutput):
+    """`loss` = LM loss + every enabled auxiliary term; each term is also returned on its own."""
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class SeekV4DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.attention_kind, self.ffn_kind = config.attention_types[layer_idx], config.ffn_types[layer_idx]
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = ATTENTION_CLASSES[self.attention_kind](config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = build_ffn(config, self.ffn_kind)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                input_ids=None, **kwargs):
+        attn_out, attn_weights = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings[self.attention_kind], attention_mask,
+            past_key_values, **kwargs,
+        )
+        hidden_states = hidden_states + attn_out
+        ffn_out, router_aux = self.mlp(self.post_attention_layernorm(hidden_states), input_ids)
+        return hidden_states + ffn_out, attn_weights, router_aux
+
+
+class SeekV4PreTrainedModel(PreTrainedModel):
+    config_class = SeekV4Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SeekV4DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Router):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+            init.zeros_(module.expert_load)
+            if isinstance(module, HashRouter):
+                init.copy_(module.tid2eid, module.default_table(module.tid2eid.shape[0]))
+        elif isinstance(module, Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, compute_inv_freq(module.rope_parameters, module.dim)[0])
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+
+    @classmethod
+    def from_pretrained(cls, *args, strict: bool = True, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but a checkpoint whose weights do not match the model
+        (missing or unexpected keys) is an error unless `strict=False` (then they are re-initialised /
+        ignored, as transformers does by default)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if strict:
+            missing = sorted(info["missing_keys"])
+            unexpected = sorted(k for k in info["unexpected_keys"]
+                                if not (cls.base_model_prefix and not hasattr(model, "lm_head")
+                                        and k.startswith("lm_head.")))
+            if missing or unexpected:
+                raise ValueError(
+                    f"Checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')!s} does not match "
+                    f"{cls.__name__}({model.config.num_hidden_layers} layers): missing keys {missing[:8]}"
+                    f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                    f"{' ...' if len(unexpected) > 8 else ''}. Check that config.json belongs to these weights, or "
+                    "pass strict=False to initialise missing weights randomly and ignore unexpected ones."
+                )
+        return (model, info) if want_info else model
+
+
+class SeekV4Model(SeekV4PreTrainedModel):
+    def __init__(self, config: SeekV4Config):
+        super().__init__(config)
+        self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(SeekV4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # one RoPE table per attention kind present (their rotary widths differ)
+        self.rotary_emb = nn.ModuleDict({
+            kind: RotaryEmbedding(config.rope_parameters, ATTENTION_CLASSES[kind].rope_dim(config))
+            for kind in sorted(set(config.attention_types))
+        })
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _check_inputs(self, input_ids, inputs_embeds, past_len: int):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if input_ids is not None:
+            if input_ids.dtype.is_floating_point or input_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+                raise TypeError(f"`input_ids` must hold integer token ids (torch.long), got dtype {input_ids.dtype}; "
+                                "convert with `input_ids.long()` or pass float features as `inputs_embeds`.")
+            if input_ids.dim() != 2:
+                raise ValueError(f"`input_ids` must have shape [batch, seq_len], got {tuple(input_ids.shape)}.")
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
+                raise ValueError(f"`input_ids` holds ids outside [0, {self.vocab_size}) (min {int(input_ids.min())}, "
+                                 f"max {int(input_ids.max())}); they do not fit this model's vocabulary.")
+        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if past_len + seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Input of {past_len + seq_len} tokens ({past_len} cached + {seq_len} new) exceeds "
+                f"max_position_embeddings={self.config.max_position_embeddings}; truncate the input or use a config "
+                "with a longer context (e.g. YaRN rope_parameters and a larger max_position_embeddings)."
+            )
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                output_router_logits=None, **kwargs) -> SeekV4ModelOutput:
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self._check_inputs(input_ids, inputs_embeds, past_len)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len)[None]
+        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  past_key_values=past_key_values, position_ids=position_ids)
+        rope = {kind: emb(position_ids, inputs_embeds.dtype) for kind, emb in self.rotary_emb.items()}
+
+        hidden = inputs_embeds
+        all_hidden, all_attn, all_router, aux_losses = [], [], [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            hidden, attn_weights, router_aux = layer(
+                hidden, position_embeddings=rope, attention_mask=mask, past_key_values=past_key_values,
+                input_ids=input_ids, **({"output_attentions": True} if output_attentions else {}),
+            )
+            if output_attentions:
+                all_attn.append(attn_weights)
+            if router_aux is not None:
+                if output_router_logits:
+                    all_router.append(router_aux.router_logits)
+                if router_aux.aux_loss is not None:
+                    aux_losses.append(router_aux.aux_loss)
+        hidden = self.norm(hidden)
+        if output_hidden_states:
+            all_hidden.append(hidden)
+        return SeekV4ModelOutput(
+            last_hidden_state=hidden,
+            past_key_values=past_key_values,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+            router_logits=tuple(all_router) if output_router_logits else None,
+            aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
+        )
+
+    def update_router_biases(self) -> dict[int, torch.Tensor]:
+        """Apply the aux-loss-free bias update in every learned-router layer; returns per-layer expert loads."""
+        return {i: layer.mlp.gate.update_bias() for i, layer in enumerate(self.layers)
+                if isinstance(layer.mlp, MoE) and not isinstance(layer.mlp.gate, HashRouter)}
+
+
+class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SeekV4Config):
+        super().__init__(config)
+        self.model = SeekV4Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, HashRouter):
+                module.resize(embeddings.num_embeddings)
+        self.model.vocab_size = self.config.vocab_size
+        return embeddings
+
+    def update_router_biases(self):
+        return self.model.update_router_biases()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, output_attentions=None,
+                output_hidden_states=None, output_router_logits=None, return_dict=None, **kwargs):
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+        )
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = lm_loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = lm_loss + out.aux_loss if out.aux_loss is not None else lm_loss
+        result = SeekV4CausalLMOutput(
+            loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, logits=logits, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
+        )
+        return result.to_tuple() if return_dict is False else result

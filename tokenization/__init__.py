@@ -1,0 +1,1 @@
+"""Tokenizers and the Engram token-id compression map (planned: see README)."""
