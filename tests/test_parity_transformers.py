@@ -1,0 +1,68 @@
+"""Converted transformers models compute the same function (logits within 1e-4, same greedy tokens)."""
+import pytest
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from seekv4.convert import from_transformers
+
+NEW_TOKENS = 32
+
+
+def _llama(**kw):
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _deepseek_v3(q_lora_rank, rope=None, **kw):
+    cfg = DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=q_lora_rank,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, max_position_embeddings=256,
+        routed_scaling_factor=2.5, rope_parameters=rope or {"rope_type": "default", "rope_theta": 10000.0}, **kw)
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # random router biases, so selection-only bias handling is exercised
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model
+
+
+def _check(src, vocab):
+    ours = from_transformers(src)
+    ids = torch.randint(0, vocab, (2, 24))
+    with torch.no_grad():
+        a, b = src(ids).logits, ours(ids).logits
+    assert (a - b).abs().max().item() < 1e-4
+    gen_kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+    ga, gb = src.generate(ids, **gen_kw), ours.generate(ids, **gen_kw)
+    assert ga.shape[1] == ids.shape[1] + NEW_TOKENS
+    assert torch.equal(ga, gb)
+
+
+def test_llama_parity():
+    _check(_llama(), 128)
+
+
+def test_llama_tied_partial_rotary_parity():
+    src = _llama(tie_word_embeddings=True, attention_bias=True)
+    _check(src, 128)
+    ours = from_transformers(src)
+    assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+def test_deepseek_v3_parity(q_lora_rank):
+    _check(_deepseek_v3(q_lora_rank), 128)
+
+
+def test_deepseek_v3_yarn_parity():
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.7}
+    _check(_deepseek_v3(24, rope), 128)
+
+
+def test_unsupported_model_is_rejected():
+    with pytest.raises(ValueError, match="supported model types"):
+        from_transformers(torch.nn.Linear(2, 2))
