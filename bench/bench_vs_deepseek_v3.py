@@ -22,7 +22,6 @@ import copy
 import datetime
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -142,15 +141,24 @@ def bench_train(models, batch: int, seq: int, repeats: int) -> dict[str, float]:
 
 # ---- optional memory (one fresh subprocess per point) ----------------------------------------------
 
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
 def _memory_child(name: str, length: int) -> None:
+    """Peak RSS during one prefill minus RSS just before it (Linux: VmHWM reset via /proc/self/clear_refs)."""
     src, ours = build_models()
     model = {"transformers": src, "seekv4": ours}[name]
     del src, ours
     ids = ids_of(length)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     with torch.inference_mode():
+        prefill(model, ids_of(16))  # one-time allocations (thread pools, kernels) out of the measurement
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS high-water mark to the current RSS
+        base = _proc_status_kib("VmRSS")
         prefill(model, ids)
-    print(json.dumps({"peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
+    print(json.dumps({"peak_mib": (_proc_status_kib("VmHWM") - base) / 1024}))
 
 
 def measure_memory(name: str, length: int) -> float:
@@ -160,6 +168,13 @@ def measure_memory(name: str, length: int) -> float:
 
 
 # ---- main ----------------------------------------------------------------------------------------
+
+def matmul_gflops() -> float:
+    """Machine-noise indicator: fp32 GFLOP/s of a 512^3 matmul (median of 20); compare start vs end."""
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a @ b
+    return 2 * 512**3 / statistics.median(timed(lambda: a @ b) for _ in range(20)) / 1e9
+
 
 def fmt_ms(s: float) -> str:
     return f"{s * 1e3:,.1f}"
@@ -193,6 +208,7 @@ def main(argv=None):
           f"seekv4={ours.config._attn_implementation}; "
           f"transformers experts_implementation={getattr(src.config, '_experts_implementation', None)}")
     n_params = sum(p.numel() for p in src.parameters())
+    print(f"matmul calibration at start: {matmul_gflops():.1f} GFLOP/s")
     print(f"config: {CONFIG} ({n_params / 1e6:.2f}M params)")
     ids = ids_of(64, 2, seed=2)
     with torch.inference_mode():
@@ -226,13 +242,14 @@ def main(argv=None):
                          f"{mem['seekv4']:,.0f}", ratio, "fresh subprocess"))
             print(f"  done: {rows[-1][0]} {rows[-1][1:4]}", file=sys.stderr, flush=True)
 
-    print()
+    print(flush=True)
     print("| benchmark | transformers | seekv4 | ratio (>1: seekv4 faster) | notes |")
     print("|---|---:|---:|---:|---|")
     for name, a, b, ratio, note in rows:
         flag = " **(seekv4 slower)**" if ratio < 1 else ""
         print(f"| {name} | {a} | {b} | {ratio:.2f}x{flag} | {note} |")
-    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
+    print(f"\nmatmul calibration at end: {matmul_gflops():.1f} GFLOP/s")
+    print(f"total wall time {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

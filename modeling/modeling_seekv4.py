@@ -107,23 +107,32 @@ class SeekV4PreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
-        """As `PreTrainedModel.from_pretrained`, but a checkpoint whose weights do not match the model
-        (missing or unexpected keys) is an error unless `strict=False` (then they are re-initialised /
-        ignored, as transformers does by default)."""
+        """As `PreTrainedModel.from_pretrained`, but weights that do not match the model (missing,
+        unexpected or wrongly shaped keys) are an error naming them, unless `strict=False` (then they are
+        re-initialised / ignored, as transformers does by default)."""
         want_info = kwargs.pop("output_loading_info", False)
+        check_shapes = strict and not kwargs.get("ignore_mismatched_sizes", False)
+        if check_shapes:  # let transformers report the mismatches instead of raising a generic error
+            kwargs["ignore_mismatched_sizes"] = True
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if strict:
-            missing = sorted(info["missing_keys"])
-            unexpected = sorted(k for k in info["unexpected_keys"]
-                                if not (cls.base_model_prefix and not hasattr(model, "lm_head")
-                                        and k.startswith("lm_head.")))
-            if missing or unexpected:
+            head_only = not hasattr(model, "lm_head")  # a base model may load a checkpoint with an LM head
+            problems = {
+                "missing keys": sorted(info["missing_keys"]),
+                "unexpected keys": sorted(k for k in info["unexpected_keys"]
+                                          if not (head_only and k.startswith("lm_head."))),
+                "wrongly shaped keys": sorted(f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}"
+                                              for k, a, b in info.get("mismatched_keys", ())) if check_shapes else [],
+            }
+            found = {name: keys for name, keys in problems.items() if keys}
+            if found:
+                where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+                listing = "; ".join(f"{name} {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+                                    for name, keys in found.items())
                 raise ValueError(
-                    f"Checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')!s} does not match "
-                    f"{cls.__name__}({model.config.num_hidden_layers} layers): missing keys {missing[:8]}"
-                    f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                    f"{' ...' if len(unexpected) > 8 else ''}. Check that config.json belongs to these weights, or "
-                    "pass strict=False to initialise missing weights randomly and ignore unexpected ones."
+                    f"Checkpoint {where!s} does not match {cls.__name__} built from its config: {listing}. Check "
+                    "that config.json belongs to these weights, or pass strict=False to initialise missing weights "
+                    "randomly and ignore the rest."
                 )
         return (model, info) if want_info else model
 
