@@ -3,17 +3,23 @@
 Both models compute the same function: the seekv4 one is converted from the transformers one with
 `seekv4.convert.from_transformers` (same weights); logit agreement is checked at startup.
 
-Measured, each as the median of a few repeats after one warm-up (time.perf_counter):
-  1. prefill: batch 1 forward at each --lengths, use_cache=True, logits_to_keep=1 (as generate does);
-  2. decode: tokens/s of 32 single-token steps after prefilling each --decode-contexts (teacher-forced on
-     one fixed token sequence shared by both models; each model gets its own cache, deep-copied per repeat);
-  3. training: one step (forward with labels, backward, AdamW) at batch x seq for each --train-shapes.
-Optional --memory: peak-RSS increase of one prefill per length, each measured in a fresh subprocess.
+Measured after one warm-up per model (time.perf_counter), default torch thread count:
+  1. prefill: batch-1 forward at each --lengths, use_cache=True, logits_to_keep=1 (as generate does);
+  2. decode: tokens/s of 32 single-token steps after prefilling each --decode-contexts (teacher-forced on one
+     fixed token sequence shared by both models; each model has its own cache, deep-copied for every repeat);
+  3. training: one step (forward with labels, backward, AdamW) at each --train-shapes BATCHxSEQ.
+Optional --memory: peak-RSS increase during one prefill per length, each in a fresh subprocess.
 
-ratio = transformers time / seekv4 time (decode: seekv4 tok/s / transformers tok/s), so > 1 means seekv4 is faster.
+Noise handling: small shared VMs can switch between fast and (several times) slower CPU phases for tens of
+seconds. So every repeat is a *pair* (one run of each model, order alternating), bracketed by a short matmul
+throughput probe; a pair whose probes differ by > 1.5x straddled a phase change and is re-measured. The
+ratio column is the median of the per-pair ratios; the time columns are medians of the accepted runs; the
+notes give the probe's median GFLOP/s over the accepted pairs, to compare rows measured in different phases.
 
-    python bench/bench_vs_deepseek_v3.py                 # full run (~10 min on 2 CPU cores)
-    python bench/bench_vs_deepseek_v3.py --quick         # smoke run (seconds)
+ratio = transformers time / seekv4 time (decode: seekv4 tok/s / transformers tok/s): > 1 means seekv4 is faster.
+
+    python bench/bench_vs_deepseek_v3.py                 # full run (about 10-15 min on 2 CPU cores)
+    python bench/bench_vs_deepseek_v3.py --quick         # smoke run
 """
 from __future__ import annotations
 
@@ -41,6 +47,9 @@ CONFIG = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
 )
 DECODE_STEPS = 32
+NAMES = ("transformers", "seekv4")
+PHASE_TOLERANCE = 1.5  # max ratio between the probes bracketing a pair
+MAX_RETRIES = 4  # re-measurements per pair before it is accepted anyway (and flagged)
 
 
 def build_models(seed: int = 0):
@@ -64,13 +73,63 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+_A, _B = torch.randn(512, 512), torch.randn(512, 512)
+
+
+def probe_gflops(n: int = 5) -> float:
+    """CPU-phase probe: fp32 GFLOP/s of a 512^3 matmul (median of n; ~10 ms in the fast phase)."""
+    return 2 * 512**3 / statistics.median(timed(lambda: _A @ _B) for _ in range(n)) / 1e9
+
+
 def repeats_for(n_tokens: int, repeats: int) -> int:
     """Fewer repeats at long lengths to bound the run time."""
     if n_tokens >= 8192:
-        return min(repeats, 2)
-    if n_tokens >= 4096:
         return min(repeats, 3)
+    if n_tokens >= 4096:
+        return min(repeats, 4)
     return repeats
+
+
+class Result:
+    def __init__(self):
+        self.times = {n: [] for n in NAMES}
+        self.ratios, self.probes, self.retries, self.noisy = [], [], 0, 0
+
+    def time(self, name):
+        return statistics.median(self.times[name])
+
+    def ratio(self):  # transformers / seekv4
+        return statistics.median(self.ratios)
+
+    def note(self):
+        extra = f", {self.retries} re-measured" if self.retries else ""
+        extra += f", {self.noisy} noisy kept" if self.noisy else ""
+        return f"n={len(self.ratios)}, probe {statistics.median(self.probes):.0f} GFLOP/s{extra}"
+
+
+def measure_pairs(run: dict, repeats: int, setup=None) -> Result:
+    """run[name]() is the timed call; setup[name]() (untimed, optional) prepares it (e.g. copies a cache)."""
+    res = Result()
+    for i in range(repeats):
+        order = NAMES if i % 2 == 0 else NAMES[::-1]
+        for attempt in range(MAX_RETRIES + 1):
+            p0 = probe_gflops()
+            t = {}
+            for name in order:
+                arg = setup[name]() if setup else None
+                t[name] = timed(lambda: run[name](arg) if setup else run[name]())
+            p1 = probe_gflops()
+            if max(p0, p1) / min(p0, p1) <= PHASE_TOLERANCE:
+                break
+            if attempt == MAX_RETRIES:
+                res.noisy += 1
+            else:
+                res.retries += 1
+        for name in NAMES:
+            res.times[name].append(t[name])
+        res.ratios.append(t["transformers"] / t["seekv4"])
+        res.probes.append((p0 + p1) / 2)
+    return res
 
 
 # ---- 1. prefill ----------------------------------------------------------------------------------
@@ -79,16 +138,13 @@ def prefill(model, ids):
     return model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
 
-def bench_prefill(models, length: int, repeats: int) -> dict[str, float]:
+def bench_prefill(models, length: int, repeats: int) -> Result:
     ids = ids_of(length)
-    times = {name: [] for name in models}
     with torch.inference_mode():
-        for name, m in models.items():  # warm-up
+        for m in models.values():  # warm-up
             prefill(m, ids)
-        for _ in range(repeats_for(length, repeats)):
-            for name, m in models.items():  # interleaved so drift hits both alike
-                times[name].append(timed(lambda: prefill(m, ids)))
-    return {name: statistics.median(t) for name, t in times.items()}
+        return measure_pairs({n: (lambda m=m: prefill(m, ids)) for n, m in models.items()},
+                             repeats_for(length, repeats))
 
 
 # ---- 2. decode -----------------------------------------------------------------------------------
@@ -100,43 +156,43 @@ def decode_loop(model, cache, tokens):
     return out
 
 
-def bench_decode(models, context: int, repeats: int) -> dict[str, float]:
-    """Returns seconds for DECODE_STEPS steps (median)."""
+def bench_decode(models, context: int, repeats: int) -> Result:
+    """Times DECODE_STEPS teacher-forced decode steps after a `context`-token prefill."""
     ids = ids_of(context + DECODE_STEPS)
     ctx, steps = ids[:, :context], ids[:, context:]
-    times = {name: [] for name in models}
     with torch.inference_mode():
-        caches = {name: prefill(m, ctx).past_key_values for name, m in models.items()}
-        for name, m in models.items():  # warm-up
-            decode_loop(m, copy.deepcopy(caches[name]), steps)
-        for _ in range(repeats_for(context, repeats)):
-            for name, m in models.items():
-                cache = copy.deepcopy(caches[name])
-                times[name].append(timed(lambda: decode_loop(m, cache, steps)))
-    return {name: statistics.median(t) for name, t in times.items()}
+        caches = {n: prefill(m, ctx).past_key_values for n, m in models.items()}
+        for n, m in models.items():  # warm-up
+            decode_loop(m, copy.deepcopy(caches[n]), steps)
+        return measure_pairs(
+            {n: (lambda cache, m=m: decode_loop(m, cache, steps)) for n, m in models.items()},
+            repeats_for(context, repeats),
+            setup={n: (lambda n=n: copy.deepcopy(caches[n])) for n in models},
+        )
 
 
 # ---- 3. training step ----------------------------------------------------------------------------
 
-def bench_train(models, batch: int, seq: int, repeats: int) -> dict[str, float]:
+def bench_train(models, batch: int, seq: int, repeats: int) -> Result:
     ids = ids_of(seq, batch)
-    res = {}
-    for name, m in models.items():
-        m.train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss = m(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            opt.step()
-
-        step()  # warm-up (also allocates the optimizer state)
-        res[name] = statistics.median(timed(step) for _ in range(repeats))
-        m.eval()
+    def step(name):
+        m, opt = models[name], opts[name]
         opt.zero_grad(set_to_none=True)
-        del opt
-    return res
+        m(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+
+    for m in models.values():
+        m.train()
+    try:
+        for n in models:  # warm-up (also allocates the optimizer state)
+            step(n)
+        return measure_pairs({n: (lambda n=n: step(n)) for n in models}, repeats)
+    finally:
+        for n, m in models.items():
+            opts[n].zero_grad(set_to_none=True)
+            m.eval()
 
 
 # ---- optional memory (one fresh subprocess per point) ----------------------------------------------
@@ -169,13 +225,6 @@ def measure_memory(name: str, length: int) -> float:
 
 # ---- main ----------------------------------------------------------------------------------------
 
-def matmul_gflops() -> float:
-    """Machine-noise indicator: fp32 GFLOP/s of a 512^3 matmul (median of 20); compare start vs end."""
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    a @ b
-    return 2 * 512**3 / statistics.median(timed(lambda: a @ b) for _ in range(20)) / 1e9
-
-
 def fmt_ms(s: float) -> str:
     return f"{s * 1e3:,.1f}"
 
@@ -185,8 +234,8 @@ def main(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="prefill lengths")
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[2048, 8192], help="decode context lengths")
     p.add_argument("--train-shapes", nargs="+", default=["4x512", "4x1024"], help="training BATCHxSEQ shapes")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (reduced automatically at >= 4096 tokens)")
-    p.add_argument("--train-repeats", type=int, default=3, help="timed training steps")
+    p.add_argument("--repeats", type=int, default=5, help="timed pairs per point (fewer at >= 4096 tokens)")
+    p.add_argument("--train-repeats", type=int, default=3, help="timed training-step pairs")
     p.add_argument("--memory", action="store_true", help="also measure prefill peak-RSS increase (subprocess per point)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
@@ -201,55 +250,55 @@ def main(argv=None):
     t_start = time.perf_counter()
     src, ours = build_models()
     models = {"transformers": src, "seekv4": ours}
-    print(f"# seekv4 vs transformers DeepseekV3ForCausalLM ({datetime.date.today()})")
+    print(f"# seekv4 vs transformers DeepseekV3ForCausalLM ({datetime.datetime.now():%Y-%m-%d %H:%M})")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}, "
-          f"{platform.processor() or platform.machine()}, torch.get_num_threads()={torch.get_num_threads()}")
+          f"{platform.machine()}, torch.get_num_threads()={torch.get_num_threads()}")
     print(f"attn_implementation: transformers={src.config._attn_implementation}, "
           f"seekv4={ours.config._attn_implementation}; "
           f"transformers experts_implementation={getattr(src.config, '_experts_implementation', None)}")
     n_params = sum(p.numel() for p in src.parameters())
-    print(f"matmul calibration at start: {matmul_gflops():.1f} GFLOP/s")
-    print(f"config: {CONFIG} ({n_params / 1e6:.2f}M params)")
+    print(f"config: {CONFIG} ({n_params / 1e6:.2f}M params), float32")
     ids = ids_of(64, 2, seed=2)
     with torch.inference_mode():
         diff = (src(ids).logits - ours(ids).logits).abs().max().item()
-    print(f"parity check: max |logits diff| on [2, 64] = {diff:.2e}")
+    print(f"parity check: max |logits diff| on [2, 64] = {diff:.2e}", flush=True)
     if not diff < 1e-3:
         raise SystemExit(f"logits disagree (max abs diff {diff:.3e} >= 1e-3); refusing to benchmark")
 
-    rows = []  # (benchmark, transformers, seekv4, ratio, extra)
+    rows = []  # (benchmark, transformers, seekv4, ratio, notes)
+
+    def log(row):
+        rows.append(row)
+        print(f"  done: {row[0]}: transformers {row[1]}, seekv4 {row[2]}, ratio {row[3]:.2f} ({row[4]})",
+              file=sys.stderr, flush=True)
+
     for length in args.lengths:
         r = bench_prefill(models, length, args.repeats)
-        rows.append((f"prefill 1x{length} (ms)", fmt_ms(r["transformers"]), fmt_ms(r["seekv4"]),
-                     r["transformers"] / r["seekv4"], f"n={repeats_for(length, args.repeats)}"))
-        print(f"  done: {rows[-1][0]} {rows[-1][1:4]}", file=sys.stderr, flush=True)
+        log((f"prefill 1x{length} (ms)", fmt_ms(r.time("transformers")), fmt_ms(r.time("seekv4")), r.ratio(),
+             r.note()))
     for ctx in args.decode_contexts:
         r = bench_decode(models, ctx, args.repeats)
-        tps = {k: DECODE_STEPS / v for k, v in r.items()}
-        rows.append((f"decode @ctx {ctx} (tok/s)", f"{tps['transformers']:,.1f}", f"{tps['seekv4']:,.1f}",
-                     tps["seekv4"] / tps["transformers"], f"{DECODE_STEPS} steps, n={repeats_for(ctx, args.repeats)}"))
-        print(f"  done: {rows[-1][0]} {rows[-1][1:4]}", file=sys.stderr, flush=True)
+        tps = {n: DECODE_STEPS / r.time(n) for n in NAMES}
+        log((f"decode @ctx {ctx} (tok/s)", f"{tps['transformers']:,.1f}", f"{tps['seekv4']:,.1f}", r.ratio(),
+             f"{DECODE_STEPS} steps, {r.note()}"))
     for b, s in train_shapes:
         r = bench_train(models, b, s, args.train_repeats)
-        rows.append((f"train step {b}x{s} (ms)", fmt_ms(r["transformers"]), fmt_ms(r["seekv4"]),
-                     r["transformers"] / r["seekv4"], f"fwd+bwd+AdamW, n={args.train_repeats}"))
-        print(f"  done: {rows[-1][0]} {rows[-1][1:4]}", file=sys.stderr, flush=True)
+        log((f"train step {b}x{s} (ms)", fmt_ms(r.time("transformers")), fmt_ms(r.time("seekv4")), r.ratio(),
+             f"fwd+bwd+AdamW, {r.note()}"))
     if args.memory:
         for length in args.lengths:
-            mem = {name: measure_memory(name, length) for name in models}
+            mem = {n: measure_memory(n, length) for n in NAMES}
             ratio = mem["transformers"] / mem["seekv4"] if mem["seekv4"] > 0 else float("nan")
-            rows.append((f"prefill 1x{length} peak RSS increase (MiB)", f"{mem['transformers']:,.0f}",
-                         f"{mem['seekv4']:,.0f}", ratio, "fresh subprocess"))
-            print(f"  done: {rows[-1][0]} {rows[-1][1:4]}", file=sys.stderr, flush=True)
+            log((f"prefill 1x{length} peak RSS increase (MiB)", f"{mem['transformers']:,.0f}", f"{mem['seekv4']:,.0f}",
+                 ratio, "fresh subprocess each"))
 
     print(flush=True)
-    print("| benchmark | transformers | seekv4 | ratio (>1: seekv4 faster) | notes |")
+    print("| benchmark | transformers | seekv4 | ratio (>1: seekv4 better) | notes |")
     print("|---|---:|---:|---:|---|")
     for name, a, b, ratio, note in rows:
-        flag = " **(seekv4 slower)**" if ratio < 1 else ""
+        flag = " **(seekv4 worse)**" if ratio < 1 else ""
         print(f"| {name} | {a} | {b} | {ratio:.2f}x{flag} | {note} |")
-    print(f"\nmatmul calibration at end: {matmul_gflops():.1f} GFLOP/s")
-    print(f"total wall time {time.perf_counter() - t_start:.0f} s")
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

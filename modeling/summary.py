@@ -1,0 +1,48 @@
+"""Size figures of a config without allocating weights: total and per-token-active parameters, KV bytes."""
+from __future__ import annotations
+
+import torch
+
+from .modeling_seekv4 import SeekV4ForCausalLM
+from .moe import Experts
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_cache_elements_per_token(config) -> list[int]:
+    """Cached elements per token for each layer: exactly what that attention kind stores."""
+    per_layer = []
+    for kind in config.attention_types:
+        if kind == "mla":
+            per_layer.append(config.kv_lora_rank + config.qk_rope_head_dim)  # latent + shared RoPE key
+        else:
+            per_layer.append(2 * config.num_key_value_heads * config.head_dim)  # keys + values
+    return per_layer
+
+
+def parameter_counts(config) -> dict[str, int]:
+    """Built on the meta device, so even 671B-parameter shapes cost no memory."""
+    with torch.device("meta"):
+        model = SeekV4ForCausalLM(config)
+    seen, total, routed, routed_active = set(), 0, 0, 0
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:  # tied embeddings count once
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            if isinstance(module, Experts):
+                routed += p.numel()
+                routed_active += p.numel() * config.num_experts_per_tok // config.n_routed_experts
+    return {"total": total, "active_per_token": total - routed + routed_active, "routed_experts": routed}
+
+
+def schedule_runs(config) -> list[tuple[int, int, str, str]]:
+    """Consecutive layers with the same (attention, ffn) kinds: [(first, last, attention, ffn)]."""
+    runs = []
+    for i, kinds in enumerate(zip(config.attention_types, config.ffn_types)):
+        if runs and runs[-1][2:] == kinds:
+            runs[-1] = (runs[-1][0], i, *kinds)
+        else:
+            runs.append((i, i, *kinds))
+    return runs
