@@ -12,7 +12,8 @@ Optional --memory: peak-RSS increase during one prefill per length, each in a fr
 
 Noise handling: small shared VMs can switch between fast and (several times) slower CPU phases for tens of
 seconds. So every repeat is a *pair* (one run of each model, order alternating), bracketed by a short matmul
-throughput probe; a pair whose probes differ by > 1.5x straddled a phase change and is re-measured. The
+throughput probe; a pair whose probes differ by > 1.5x straddled a phase change and is re-measured (unless
+it took > 15 s: then it is kept and counted as "noisy"). The
 ratio column is the median of the per-pair ratios; the time columns are medians of the accepted runs; the
 notes give the probe's median GFLOP/s over the accepted pairs, to compare rows measured in different phases.
 
@@ -49,7 +50,8 @@ CONFIG = dict(
 DECODE_STEPS = 32
 NAMES = ("transformers", "seekv4")
 PHASE_TOLERANCE = 1.5  # max ratio between the probes bracketing a pair
-MAX_RETRIES = 4  # re-measurements per pair before it is accepted anyway (and flagged)
+MAX_RETRIES = 4  # re-measurements per pair before it is accepted anyway (and flagged "noisy")
+RETRY_MAX_PAIR_S = 15.0  # pairs longer than this are not re-measured (too costly; flagged "noisy" instead)
 
 
 def build_models(seed: int = 0):
@@ -121,8 +123,9 @@ def measure_pairs(run: dict, repeats: int, setup=None) -> Result:
             p1 = probe_gflops()
             if max(p0, p1) / min(p0, p1) <= PHASE_TOLERANCE:
                 break
-            if attempt == MAX_RETRIES:
+            if attempt == MAX_RETRIES or sum(t.values()) > RETRY_MAX_PAIR_S:
                 res.noisy += 1
+                break
             else:
                 res.retries += 1
         for name in NAMES:
