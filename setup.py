@@ -31,7 +31,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "datasets>=3"],
         "train": ["peft>=0.15", "datasets>=3"],
         "eval": ["datasets>=3", "evaluate>=0.4", "matplotlib"],
     },
