@@ -1,9 +1,19 @@
-"""Pieces every attention kind shares: the eager kernel, kernel dispatch, and mask conversion."""
+"""Pieces every attention kind shares: the eager kernel, kernel dispatch, mask conversion, aux outputs."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+@dataclass
+class AttentionAux:
+    """What an attention layer reports besides its output."""
+
+    weights: torch.Tensor | None = None  # attention probabilities (eager kernels, on request)
+    indexer_loss: torch.Tensor | None = None  # DSA indexer KL, when training it
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

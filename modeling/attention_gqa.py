@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention_common import attention_kernel
+from .attention_common import AttentionAux, attention_kernel
 from .rope import apply_rope
 
 
@@ -41,7 +41,7 @@ class GQAAttention(nn.Module):
         q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, H, S, D]
         k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
         v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
+        cos, sin = position_embeddings[self.kind]
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
@@ -49,4 +49,4 @@ class GQAAttention(nn.Module):
             self, q, k, v, attention_mask, scaling=self.scaling,
             dropout=self.config.attention_dropout if self.training else 0.0, **kwargs,
         )
-        return self.o_proj(out.reshape(b, s, -1)), weights
+        return self.o_proj(out.reshape(b, s, -1)), AttentionAux(weights=weights)

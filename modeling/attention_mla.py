@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_common import apply_mask, attention_kernel, causal_bool_mask
+from .attention_common import AttentionAux, apply_mask, attention_kernel, causal_bool_mask
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -61,7 +61,7 @@ class MLAAttention(nn.Module):
         q_nope, q_rope = q.split([self.nope_dim, self.rope_head_dim], dim=-1)
         c_kv, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv).unsqueeze(1)  # [B, 1, S, r]
-        cos, sin = position_embeddings
+        cos, sin = position_embeddings[self.kind]
         interleaved = self.config.rope_interleave
         q_rope = apply_rope(q_rope, cos, sin, interleaved)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, interleaved)  # [B, 1, S, dr]
@@ -71,7 +71,7 @@ class MLAAttention(nn.Module):
             out, weights = self._absorbed(q_nope, q_rope, c_kv, k_rope, attention_mask)
         else:
             out, weights = self._expanded(q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs)
-        return self.o_proj(out.reshape(b, s, -1)), weights
+        return self.o_proj(out.reshape(b, s, -1)), AttentionAux(weights=weights)
 
     def _use_absorbed(self, q_len: int, kv_len: int, attention_mask) -> bool:
         if self.training or not (attention_mask is None or isinstance(attention_mask, torch.Tensor)):

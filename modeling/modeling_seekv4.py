@@ -67,13 +67,12 @@ class SeekV4DecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                 input_ids=None, **kwargs):
-        attn_out, attn_weights = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings[self.attention_kind], attention_mask,
-            past_key_values, **kwargs,
+        attn_out, attn_aux = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs,
         )
         hidden_states = hidden_states + attn_out
         ffn_out, router_aux = self.mlp(self.post_attention_layernorm(hidden_states), input_ids)
-        return hidden_states + ffn_out, attn_weights, router_aux
+        return hidden_states + ffn_out, attn_aux, router_aux
 
 
 class SeekV4PreTrainedModel(PreTrainedModel):
@@ -204,12 +203,12 @@ class SeekV4Model(SeekV4PreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden.append(hidden)
-            hidden, attn_weights, router_aux = layer(
+            hidden, attn_aux, router_aux = layer(
                 hidden, position_embeddings=rope, attention_mask=mask, past_key_values=past_key_values,
                 input_ids=input_ids, **({"output_attentions": True} if output_attentions else {}),
             )
             if output_attentions:
-                all_attn.append(attn_weights)
+                all_attn.append(attn_aux.weights)
             if router_aux is not None:
                 if output_router_logits:
                     all_router.append(router_aux.router_logits)
