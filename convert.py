@@ -1,8 +1,9 @@
 """Convert in-memory transformers models to seekv4 with identical function.
 
-Supported sources: `LlamaForCausalLM` (-> `gqa` attention + `dense` FFN) and `DeepseekV3ForCausalLM`
-(-> `mla` attention + `dense`/`moe` FFN). Our module names follow the transformers ones on purpose,
-so conversion is a config translation plus a strict state-dict load.
+Supported sources: `LlamaForCausalLM` (-> `gqa` attention + `dense` FFN), `DeepseekV3ForCausalLM`
+(-> `mla` attention + `dense`/`moe` FFN) and `DeepseekV32ForCausalLM` (-> the same + DSA on every
+layer). Our module names follow the transformers ones on purpose, so conversion is a config translation
+plus a strict state-dict load.
 """
 from __future__ import annotations
 
@@ -45,15 +46,20 @@ def config_from_llama(src) -> SeekV4Config:
 
 
 def config_from_deepseek_v3(src) -> SeekV4Config:
+    return SeekV4Config(**_deepseek_v3_kwargs(src))
+
+
+def _deepseek_v3_kwargs(src) -> dict:
     n = src.num_hidden_layers
-    return SeekV4Config(
+    return dict(
         **{f: getattr(src, f) for f in _COMMON_FIELDS},
         rope_parameters=_rope_parameters(src),
         attention_types=["mla"] * n,
         ffn_types=["dense" if i < src.first_k_dense_replace else "moe" for i in range(n)],
         first_k_dense_replace=src.first_k_dense_replace,
         q_lora_rank=src.q_lora_rank, kv_lora_rank=src.kv_lora_rank, qk_nope_head_dim=src.qk_nope_head_dim,
-        qk_rope_head_dim=src.qk_rope_head_dim, v_head_dim=src.v_head_dim, rope_interleave=bool(src.rope_interleave),
+        qk_rope_head_dim=src.qk_rope_head_dim, v_head_dim=src.v_head_dim,
+        rope_interleave=bool(getattr(src, "rope_interleave", True)),  # V3.2 has no flag: always interleaved
         moe_intermediate_size=src.moe_intermediate_size, n_routed_experts=src.n_routed_experts,
         n_shared_experts=src.n_shared_experts, num_experts_per_tok=src.num_experts_per_tok,
         n_group=src.n_group or 1, topk_group=src.topk_group or 1, norm_topk_prob=bool(src.norm_topk_prob),
@@ -61,7 +67,19 @@ def config_from_deepseek_v3(src) -> SeekV4Config:
     )
 
 
-CONFIG_CONVERTERS = {"llama": config_from_llama, "deepseek_v3": config_from_deepseek_v3}
+def config_from_deepseek_v32(src) -> SeekV4Config:
+    """V3.2 = V3 + a lightning indexer in every layer (its RoPE width is the main rope width)."""
+    n = src.num_hidden_layers
+    ffn = ["moe" if kind == "sparse" else "dense" for kind in src.mlp_layer_types]
+    return SeekV4Config(**{
+        **_deepseek_v3_kwargs(src), "ffn_types": ffn, "attention_sparsity": ["dsa"] * n,
+        "index_n_heads": src.index_n_heads, "index_head_dim": src.index_head_dim,
+        "index_rope_head_dim": src.qk_rope_head_dim, "index_topk": src.index_topk,
+    })
+
+
+CONFIG_CONVERTERS = {"llama": config_from_llama, "deepseek_v3": config_from_deepseek_v3,
+                     "deepseek_v32": config_from_deepseek_v32}
 
 
 def from_transformers(model: torch.nn.Module) -> SeekV4ForCausalLM:

@@ -7,6 +7,11 @@ ATTENTION_KINDS = ("gqa", "mla")
 FFN_KINDS = ("dense", "moe", "hash_moe")
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 ROPE_TYPES = ("default", "linear", "yarn")
+SPARSITY_KINDS = {"gqa": ("dense", "dsa"), "mla": ("dense", "dsa")}  # allowed attention_sparsity per kind
+DSA_MODES = ("sparse", "dense_warmup")
+RESIDUAL_KINDS = ("plain", "hc", "mhc")
+MHC_INITS = ("identity", "uniform")
+ENGRAM_STORAGES = ("device", "host", "disk")
 
 
 def _fail(field: str, value, allowed: str):
@@ -67,6 +72,15 @@ class SeekV4Config(PreTrainedConfig):
     qk_rope_head_dim: int = 32
     v_head_dim: int = 64
     rope_interleave: bool = True
+    # sparse attention: `attention_sparsity[i]` in SPARSITY_KINDS[attention_types[i]] (None: all "dense").
+    # "dsa" = DeepSeek Sparse Attention (V3.2): a lightning indexer picks `index_topk` keys per query.
+    attention_sparsity: list[str] | None = None
+    index_n_heads: int = 4
+    index_head_dim: int = 32
+    index_rope_head_dim: int = 16
+    index_topk: int = 64
+    dsa_mode: str = "sparse"  # "dense_warmup": dense main attention, indexer distilled from it (V3.2 stage 1)
+    indexer_loss_weight: float = 1.0  # weight of the indexer KL in `loss` while training
     # moe
     moe_intermediate_size: int = 512
     n_routed_experts: int = 16
@@ -82,6 +96,27 @@ class SeekV4Config(PreTrainedConfig):
     aux_loss_alpha: float = 0.0
     output_router_logits: bool = False
     hash_moe_seed: int = 0
+    # ---- residual (modeling/residual.py): `plain` | `hc` (Hyper-Connections) | `mhc` (V4's manifold-constrained HC)
+    residual_kind: str = "plain"
+    hc_mult: int | None = None  # streams n; None -> 1 for `plain`, 4 for `hc`/`mhc`
+    hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn–Knopp iterations on the mixing matrix
+    hc_eps: float = 1e-6  # mhc: added to `pre` and to every Sinkhorn denominator
+    mhc_init: str = "identity"  # from-scratch init: `identity` (starts as a pre-norm residual, spec Q5) | `uniform` (HF V4)
+    # ---- engram (modeling/engram.py): hashed n-gram memory added to the streams at the start of some layers
+    engram_layer_ids: list[int] | None = None  # 0-based layers with an Engram module; None/[] = off
+    engram_max_ngram_size: int = 3  # n-gram orders 2..N
+    engram_n_heads: int = 8  # hash heads per order
+    engram_head_dim: int = 64  # width of one table row
+    engram_vocab_size: int | list[int] = 4096  # per order: base size of each head's table (rows = distinct primes >= it)
+    engram_kernel_size: int = 4  # short causal depthwise conv (paper demo); 0 = none (V4.1)
+    engram_pad_id: int | None = None  # raw id hashed before the sequence start and at padding; None -> pad_token_id
+    engram_seed: int = 0  # multipliers of layer l come from numpy default_rng(seed + 10007·l)
+    engram_compressed_vocab_size: int | None = None  # size of the compressed vocabulary (bounds the multipliers); None -> vocab_size
+    engram_storage: str = "device"  # tables in `device` memory, in `host` memory, or memory-mapped from `disk`
+    engram_table_dir: str | None = None  # `disk`: directory holding the table files
+    # ---- multi-token prediction (modeling/mtp.py)
+    num_nextn_predict_layers: int = 0  # MTP modules; module k predicts token t+1+k
+    mtp_loss_weight: float = 0.3  # loss += weight · mean over modules of their LM losses
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -95,14 +130,27 @@ class SeekV4Config(PreTrainedConfig):
         if self.ffn_types is None:
             n_dense = min(self.first_k_dense_replace, self.num_hidden_layers)
             self.ffn_types = ["dense"] * n_dense + ["moe"] * (self.num_hidden_layers - n_dense)
+        if self.attention_sparsity is None:
+            self.attention_sparsity = ["dense"] * self.num_hidden_layers
         self.attention_types = list(self.attention_types)
         self.ffn_types = list(self.ffn_types)
+        self.attention_sparsity = list(self.attention_sparsity)
+        if self.hc_mult is None:
+            self.hc_mult = 1 if self.residual_kind == "plain" else 4
+        self.engram_layer_ids = list(self.engram_layer_ids or [])
+        if isinstance(self.engram_vocab_size, int) and not isinstance(self.engram_vocab_size, bool):
+            self.engram_vocab_size = [self.engram_vocab_size] * max(self.engram_max_ngram_size - 1, 0)
         super().__post_init__(**kwargs)
         self._check()
 
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Cache layer kinds for `DynamicCache(config=...)`; derived, so never serialised (see class doc)."""
+        return ["indexed_attention" if s == "dsa" else "full_attention" for s in self.attention_sparsity]
 
     def _check(self):
         """Every invalid value names its field and what is allowed."""
@@ -147,8 +195,65 @@ class SeekV4Config(PreTrainedConfig):
             if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
                 _fail("q_lora_rank", self.q_lora_rank, "expected None (full-rank queries) or a positive integer")
         self._check_rope()
+        self._check_sparsity()
         if any(k in ("moe", "hash_moe") for k in self.ffn_types):
             self._check_moe()
+        self._check_residual()
+        if self.engram_layer_ids:
+            self._check_engram()
+        if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
+            _fail("num_nextn_predict_layers", self.num_nextn_predict_layers, "expected an integer >= 0 (0 disables MTP)")
+        if not (isinstance(self.mtp_loss_weight, (int, float)) and self.mtp_loss_weight >= 0):
+            _fail("mtp_loss_weight", self.mtp_loss_weight, "expected a number >= 0")
+
+    def _check_residual(self):
+        if self.residual_kind not in RESIDUAL_KINDS:
+            _fail("residual_kind", self.residual_kind, f"allowed: {list(RESIDUAL_KINDS)}")
+        if not isinstance(self.hc_mult, int) or isinstance(self.hc_mult, bool) or self.hc_mult < 1:
+            _fail("hc_mult", self.hc_mult, "expected an integer >= 1 (the number of residual streams)")
+        if self.residual_kind == "plain" and self.hc_mult != 1:
+            _fail("hc_mult", self.hc_mult, "residual_kind='plain' has exactly one stream; set hc_mult=1 or "
+                  "residual_kind='hc'/'mhc'")
+        if self.residual_kind == "mhc":
+            if not isinstance(self.hc_sinkhorn_iters, int) or self.hc_sinkhorn_iters < 1:
+                _fail("hc_sinkhorn_iters", self.hc_sinkhorn_iters, "expected an integer >= 1")
+            if not (isinstance(self.hc_eps, (int, float)) and self.hc_eps > 0):
+                _fail("hc_eps", self.hc_eps, "expected a positive number")
+            if self.mhc_init not in MHC_INITS:
+                _fail("mhc_init", self.mhc_init, f"allowed: {list(MHC_INITS)}")
+
+    def _check_engram(self):
+        ids = self.engram_layer_ids
+        bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.num_hidden_layers]
+        if bad or len(set(ids)) != len(ids):
+            _fail("engram_layer_ids", ids, f"expected distinct layer indices in [0, {self.num_hidden_layers}) "
+                  f"(num_hidden_layers={self.num_hidden_layers}); bad: {bad or 'duplicates'}")
+        if not isinstance(self.engram_max_ngram_size, int) or self.engram_max_ngram_size < 2:
+            _fail("engram_max_ngram_size", self.engram_max_ngram_size,
+                  "expected an integer >= 2 (n-gram orders run from 2 to engram_max_ngram_size)")
+        for name in ("engram_n_heads", "engram_head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                _fail(name, value, "expected a positive integer")
+        sizes, orders = self.engram_vocab_size, self.engram_max_ngram_size - 1
+        if not isinstance(sizes, list) or len(sizes) != orders:
+            _fail("engram_vocab_size", sizes, f"expected one positive integer, or a list of {orders} (one per order "
+                  f"2..{self.engram_max_ngram_size})")
+        if any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in sizes):
+            _fail("engram_vocab_size", sizes, "table sizes must be positive integers")
+        if not isinstance(self.engram_kernel_size, int) or self.engram_kernel_size < 0:
+            _fail("engram_kernel_size", self.engram_kernel_size, "expected an integer >= 0 (0: no short convolution)")
+        pad = self.pad_token_id if self.engram_pad_id is None else self.engram_pad_id
+        if not isinstance(pad, int) or not 0 <= pad < self.vocab_size:
+            _fail("engram_pad_id", self.engram_pad_id, f"expected a token id in [0, {self.vocab_size}) (or set "
+                  "pad_token_id): it is hashed before the sequence start and at padded positions")
+        compressed = self.engram_compressed_vocab_size
+        if compressed is not None and (not isinstance(compressed, int) or not 0 < compressed <= self.vocab_size):
+            _fail("engram_compressed_vocab_size", compressed, f"expected None or an integer in [1, {self.vocab_size}]")
+        if self.engram_storage not in ENGRAM_STORAGES:
+            _fail("engram_storage", self.engram_storage, f"allowed: {list(ENGRAM_STORAGES)}")
+        if self.engram_storage == "disk" and not self.engram_table_dir:
+            _fail("engram_table_dir", self.engram_table_dir, "engram_storage='disk' needs a directory for the table files")
 
     def _check_rope(self):
         rp = self.rope_parameters
@@ -167,6 +272,30 @@ class SeekV4Config(PreTrainedConfig):
         if rope_type == "yarn" and not isinstance(rp.get("original_max_position_embeddings"), int):
             _fail("rope_parameters['original_max_position_embeddings']", rp.get("original_max_position_embeddings"),
                   "rope_type='yarn' needs the pretraining context length as an integer")
+
+    def _check_sparsity(self):
+        if len(self.attention_sparsity) != self.num_hidden_layers:
+            _fail("attention_sparsity", self.attention_sparsity,
+                  f"expected one entry per layer (num_hidden_layers={self.num_hidden_layers})")
+        for i, (kind, sparsity) in enumerate(zip(self.attention_types, self.attention_sparsity)):
+            if sparsity not in SPARSITY_KINDS[kind]:
+                _fail(f"attention_sparsity[{i}]", sparsity, f"allowed for {kind!r} attention: {list(SPARSITY_KINDS[kind])}")
+        if "dsa" not in self.attention_sparsity:
+            return
+        for name in ("index_n_heads", "index_head_dim", "index_rope_head_dim", "index_topk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                _fail(name, value, "expected a positive integer")
+        if self.index_rope_head_dim % 2 or self.index_rope_head_dim > self.index_head_dim:
+            _fail("index_rope_head_dim", self.index_rope_head_dim,
+                  f"must be even and <= index_head_dim={self.index_head_dim}")
+        if self.index_topk > self.max_position_embeddings:
+            _fail("index_topk", self.index_topk,
+                  f"top-k larger than the context (max_position_embeddings={self.max_position_embeddings})")
+        if self.dsa_mode not in DSA_MODES:
+            _fail("dsa_mode", self.dsa_mode, f"allowed: {list(DSA_MODES)}")
+        if not self.indexer_loss_weight >= 0:
+            _fail("indexer_loss_weight", self.indexer_loss_weight, "expected a value >= 0 (0 disables the loss)")
 
     def _check_moe(self):
         for name in ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group"):

@@ -14,6 +14,7 @@ class AttentionAux:
 
     weights: torch.Tensor | None = None  # attention probabilities (eager kernels, on request)
     indexer_loss: torch.Tensor | None = None  # DSA indexer KL, when training it
+    indexer_recall: torch.Tensor | None = None  # dense warm-up: share of attention mass inside the top-k
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -10,6 +10,9 @@ Per token the cache holds only the normalised KV latent c_kv [r] and the shared 
   is read directly as one shared 'MQA' head and never re-expanded (cost per step O(T·(r + d_r)) per
   head instead of O(T·r·H·(d_nope + d_v)) for re-expansion).
 The cheaper path is chosen per call from the FLOP counts (see `_use_absorbed`).
+
+With DeepSeek Sparse Attention (`attention_sparsity[i] == "dsa"`, V3.2) the layer runs in the absorbed
+(MQA) form over only the top-k latent entries its lightning indexer selects (see `dsa.py`).
 """
 from __future__ import annotations
 
@@ -18,11 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_common import AttentionAux, apply_mask, attention_kernel, causal_bool_mask
+from .dsa import DSAMixin
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
+from .sparse_attention import sparse_attention
 
 
-class MLAAttention(nn.Module):
+class MLAAttention(DSAMixin, nn.Module):
     kind = "mla"
 
     def __init__(self, config, layer_idx: int):
@@ -46,17 +51,21 @@ class MLAAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=bias)
+        self.init_dsa(config, layer_idx, q_input_dim=self.q_lora_rank or h)
 
     @staticmethod
     def rope_dim(config) -> int:
         return config.qk_rope_head_dim
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, key_padding=None,
+                **kwargs):
         b, s, _ = hidden_states.shape
         if self.q_lora_rank is None:
+            q_latent = hidden_states
             q = self.q_proj(hidden_states)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+            q_latent = self.q_a_layernorm(self.q_a_proj(hidden_states))  # c^Q, also the indexer's query input
+            q = self.q_b_proj(q_latent)
         q = q.view(b, s, self.num_heads, self.qk_dim).transpose(1, 2)  # [B, H, S, dn + dr]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_head_dim], dim=-1)
         c_kv, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.rope_head_dim], dim=-1)
@@ -65,8 +74,19 @@ class MLAAttention(nn.Module):
         interleaved = self.config.rope_interleave
         q_rope = apply_rope(q_rope, cos, sin, interleaved)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, interleaved)  # [B, 1, S, dr]
+        past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
         if past_key_values is not None:
             c_kv, k_rope = past_key_values.update(c_kv, k_rope, self.layer_idx)  # [B, 1, T, r], [B, 1, T, dr]
+        if self.indexer is not None:
+            selection = self.dsa_select(hidden_states, q_latent, position_embeddings["indexer"], past_key_values,
+                                        past_len, key_padding)
+            if self.config.dsa_mode == "sparse":
+                out, probs = self._sparse(q_nope, q_rope, c_kv, k_rope, selection.idx,
+                                          return_probs=selection.wants_loss or bool(kwargs.get("output_attentions")))
+            else:  # dense warm-up: full attention, whose probabilities the indexer learns to predict
+                out, probs = self._absorbed(q_nope, q_rope, c_kv, k_rope, attention_mask)
+            aux = self.dsa_aux(selection, probs)
+            return self.o_proj(out.reshape(b, s, -1)), aux
         if self._use_absorbed(s, c_kv.shape[2], attention_mask):
             out, weights = self._absorbed(q_nope, q_rope, c_kv, k_rope, attention_mask)
         else:
@@ -100,11 +120,23 @@ class MLAAttention(nn.Module):
         )
         return out[..., : self.v_dim], weights  # [B, S, H, dv]
 
+    def _absorbed_weights(self):
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]  # W_UK [H, dn, r], W_UV [H, dv, r]
+
+    def _sparse(self, q_nope, q_rope, c_kv, k_rope, idx, return_probs: bool):
+        """Absorbed (MQA) attention over the selected latent entries only: O(S·k), never O(S·T)."""
+        w_uk, w_uv = self._absorbed_weights()
+        q_lat = torch.einsum("bhsd,hdr->bshr", q_nope, w_uk)[:, :, None]  # [B, S, 1, H, r]
+        out, probs = sparse_attention([q_lat, q_rope.transpose(1, 2)[:, :, None]], [c_kv[:, 0], k_rope[:, 0]],
+                                      0, idx, self.scaling, return_probs=return_probs)
+        out = torch.einsum("bshr,hvr->bshv", out[:, :, 0], w_uv)  # [B, S, H, dv]
+        return out, probs[:, :, 0] if probs is not None else None  # probs [B, S, H, k]
+
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, attention_mask):
         b, h, s, _ = q_nope.shape
         t = c_kv.shape[2]
-        w = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, dn, r], [H, dv, r]
+        w_uk, w_uv = self._absorbed_weights()
         q_lat = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
         # heads fold into the row dimension so the shared latent cache is read once, never copied per head
         scores = torch.bmm(q_lat.reshape(b, h * s, -1), c_kv[:, 0].transpose(1, 2))

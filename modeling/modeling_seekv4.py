@@ -40,6 +40,8 @@ class SeekV4ModelOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
     aux_loss: torch.Tensor | None = None
+    indexer_loss: torch.Tensor | None = None
+    indexer_recall: torch.Tensor | None = None
 
 
 @dataclass
@@ -49,6 +51,8 @@ class SeekV4CausalLMOutput(ModelOutput):
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    indexer_loss: torch.Tensor | None = None  # mean DSA indexer KL over layers (unweighted)
+    indexer_recall: torch.Tensor | None = None  # dense warm-up: attention mass captured by the top-k
     logits: torch.Tensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -143,10 +147,12 @@ class SeekV4Model(SeekV4PreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(SeekV4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        # one RoPE table per attention kind present (their rotary widths differ)
+        # one RoPE table per attention kind present (their rotary widths differ), plus the DSA indexer's
+        rope_dims = {kind: ATTENTION_CLASSES[kind].rope_dim(config) for kind in set(config.attention_types)}
+        if "dsa" in config.attention_sparsity:
+            rope_dims["indexer"] = config.index_rope_head_dim
         self.rotary_emb = nn.ModuleDict({
-            kind: RotaryEmbedding(config.rope_parameters, ATTENTION_CLASSES[kind].rope_dim(config))
-            for kind in sorted(set(config.attention_types))
+            name: RotaryEmbedding(config.rope_parameters, dim) for name, dim in sorted(rope_dims.items())
         })
         self.gradient_checkpointing = False
         self.post_init()
@@ -197,18 +203,25 @@ class SeekV4Model(SeekV4PreTrainedModel):
         mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                   past_key_values=past_key_values, position_ids=position_ids)
         rope = {kind: emb(position_ids, inputs_embeds.dtype) for kind, emb in self.rotary_emb.items()}
+        layer_kwargs = {"output_attentions": True} if output_attentions else {}
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            layer_kwargs["key_padding"] = attention_mask.bool()  # [B, T]: sparse kinds mask padding themselves
 
         hidden = inputs_embeds
-        all_hidden, all_attn, all_router, aux_losses = [], [], [], []
+        all_hidden, all_attn, all_router, aux_losses, indexer_losses, recalls = [], [], [], [], [], []
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden.append(hidden)
             hidden, attn_aux, router_aux = layer(
                 hidden, position_embeddings=rope, attention_mask=mask, past_key_values=past_key_values,
-                input_ids=input_ids, **({"output_attentions": True} if output_attentions else {}),
+                input_ids=input_ids, **layer_kwargs,
             )
             if output_attentions:
                 all_attn.append(attn_aux.weights)
+            if attn_aux.indexer_loss is not None:
+                indexer_losses.append(attn_aux.indexer_loss)
+            if attn_aux.indexer_recall is not None:
+                recalls.append(attn_aux.indexer_recall)
             if router_aux is not None:
                 if output_router_logits:
                     all_router.append(router_aux.router_logits)
@@ -224,6 +237,8 @@ class SeekV4Model(SeekV4PreTrainedModel):
             attentions=tuple(all_attn) if output_attentions else None,
             router_logits=tuple(all_router) if output_router_logits else None,
             aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
+            indexer_loss=torch.stack(indexer_losses).mean() if indexer_losses else None,
+            indexer_recall=torch.stack(recalls).mean() if recalls else None,
         )
 
     def update_router_biases(self) -> dict[int, torch.Tensor]:
@@ -284,8 +299,11 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = lm_loss + out.aux_loss if out.aux_loss is not None else lm_loss
+            if out.indexer_loss is not None:
+                loss = loss + self.config.indexer_loss_weight * out.indexer_loss
         result = SeekV4CausalLMOutput(
-            loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, logits=logits, past_key_values=out.past_key_values,
+            loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, indexer_loss=out.indexer_loss,
+            indexer_recall=out.indexer_recall, logits=logits, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
         )
         return result.to_tuple() if return_dict is False else result

@@ -66,3 +66,57 @@ def test_deepseek_v3_yarn_parity():
 def test_unsupported_model_is_rejected():
     with pytest.raises(ValueError, match="supported model types"):
         from_transformers(torch.nn.Linear(2, 2))
+
+
+# ---- DeepSeek-V3.2 (DSA) ------------------------------------------------------------------------
+
+def _deepseek_v32(index_topk=6):
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+
+    cfg = DeepseekV32Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=24,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, max_position_embeddings=256,
+        index_topk=index_topk, index_head_dim=16, index_n_heads=4, routed_scaling_factor=2.5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = DeepseekV32ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture
+def port_topk_with_our_tie_rule(monkeypatch):
+    """The port's indexer calls `Tensor.topk`, whose choice among equal scores depends on memory layout;
+    ReLU scores tie exactly (all heads zero) often. For parity the port gets our rule: ties -> later position."""
+    from seekv4.modeling.indexer import deterministic_topk
+
+    original = torch.Tensor.topk
+
+    def topk(self, k, dim=-1, largest=True, sorted=True):
+        if not self.is_floating_point() or dim not in (-1, self.dim() - 1) or not largest:
+            return original(self, k, dim=dim, largest=largest, sorted=sorted)
+        idx = deterministic_topk(self, k)
+        return torch.return_types.topk((self.gather(-1, idx), idx))
+
+    monkeypatch.setattr(torch.Tensor, "topk", topk)
+
+
+def test_deepseek_v32_parity(port_topk_with_our_tie_rule):
+    src = _deepseek_v32()
+    ours = from_transformers(src)
+    assert ours.config.attention_sparsity == ["dsa"] * 3 and ours.config.index_topk == 6
+    _check(src, 128)
+
+
+def test_deepseek_v32_selection_is_sparse_for_long_prompts(port_topk_with_our_tie_rule):
+    """With 24 tokens and top-6 most queries see a strict subset: changing an unselected key changes nothing."""
+    ours = from_transformers(_deepseek_v32())
+    ids = torch.randint(0, 128, (1, 24))
+    with torch.no_grad():
+        out = ours(ids, output_attentions=True)
+    for weights in out.attentions:  # dense [B, H, S, T] view of the sparse probabilities
+        assert ((weights[0, :, 10:] > 0).sum(-1) <= 6).all()
+        assert torch.allclose(weights.sum(-1), torch.ones_like(weights.sum(-1)), atol=1e-5)

@@ -1,0 +1,74 @@
+"""Sparse attention kernel: each query attends only to its own set of key indices.
+
+Keys/values are shared by groups of heads (MQA/GQA; MLA in its absorbed form is MQA over the latent).
+Queries are processed in chunks sized so the gathered keys and the scores stay within a fixed memory
+budget, so memory is O(L·k) and time O(L·k·D) — never O(L·T). `sparse_attention_reference` (dense,
+masked, float64-capable) exists for tests only.
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK_BUDGET_BYTES = 64 * 2**20  # gathered keys + scores per query chunk
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D], idx [B, L, k] (entries < 0 allowed, read as row 0) -> [B, L, k, D]."""
+    b, l, k = idx.shape
+    flat = idx.clamp(min=0).reshape(b, l * k, 1).expand(b, l * k, x.shape[-1])
+    return x.gather(1, flat).view(b, l, k, x.shape[-1])
+
+
+def query_chunk(num_queries: int, per_query_bytes: int) -> int:
+    return max(1, min(num_queries, CHUNK_BUDGET_BYTES // max(per_query_bytes, 1)))
+
+
+def sparse_attention(
+    queries: list[torch.Tensor],
+    keys: list[torch.Tensor],
+    value: int | torch.Tensor,
+    idx: torch.Tensor,
+    scaling: float,
+    return_probs: bool = False,
+):
+    """Attention of each query over the keys it selected.
+
+    queries[i] [B, L, G, Hg, d_i] pair with keys[i] [B, T, G·d_i] (G shared-key groups, Hg heads each):
+    score = Σ_i q_i·k_i. `value` is a [B, T, G·d_v] tensor, or an int naming one of `keys` (MLA's latent is
+    then gathered once, as key and as value).
+    idx [B, L, k]: key positions per query, -1 = no key (masked).
+    Returns out [B, L, G, Hg, d_value] and, if asked, probabilities [B, L, G, Hg, k] (float32).
+    """
+    b, l, g, hg, _ = queries[0].shape
+    k = idx.shape[-1]
+    d_total = sum(x.shape[-1] for x in keys) + (0 if isinstance(value, int) else value.shape[-1])
+    per_query = 4 * k * (d_total + 3 * g * hg)
+    step = query_chunk(l, per_query)
+    outs, probs_all = [], []
+    for start in range(0, l, step):
+        sl = slice(start, start + step)
+        sel = idx[:, sl]  # [B, Lc, k]
+        gathered = [gather_rows(x, sel).unflatten(-1, (g, -1)) for x in keys]  # [B, Lc, k, G, d_i]
+        scores = sum(torch.einsum("blghd,blkgd->blghk", q[:, sl], kx) for q, kx in zip(queries, gathered))
+        scores = scores.float() * scaling
+        scores = scores.masked_fill((sel < 0)[:, :, None, None, :], torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1)
+        v = gathered[value] if isinstance(value, int) else gather_rows(value, sel).unflatten(-1, (g, -1))
+        outs.append(torch.einsum("blghk,blkgd->blghd", probs.to(v.dtype), v))
+        if return_probs:
+            probs_all.append(probs)
+    out = torch.cat(outs, dim=1)
+    return (out, torch.cat(probs_all, dim=1)) if return_probs else (out, None)
+
+
+def sparse_attention_reference(queries, keys, value, idx, scaling):
+    """Test reference: dense scores over all T keys, masked to each query's index set."""
+    b, l, g, hg, _ = queries[0].shape
+    t = keys[0].shape[1]
+    scores = sum(torch.einsum("blghd,btgd->blght", q, kx.unflatten(-1, (g, -1))) for q, kx in zip(queries, keys))
+    allowed = torch.zeros(b, l, t + 1, dtype=torch.bool, device=idx.device)
+    allowed.scatter_(2, torch.where(idx < 0, t, idx), True)
+    scores = (scores * scaling).masked_fill(~allowed[:, :, None, None, :t], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    v = keys[value] if isinstance(value, int) else value
+    return torch.einsum("blght,btgd->blghd", probs, v.unflatten(-1, (g, -1)))
