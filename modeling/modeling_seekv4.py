@@ -108,6 +108,11 @@ class SeekV4PreTrainedModel(PreTrainedModel):
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
 
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """`generate` pre-builds 4-D masks for static caches; our forward builds its own masks (the sparse
+        kinds need the 2-D padding mask), so hand the 2-D mask through unchanged."""
+        return attention_mask
+
     @classmethod
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
         """As `PreTrainedModel.from_pretrained`, but weights that do not match the model (missing,
