@@ -6,6 +6,19 @@ _TINY_COMMON = dict(
     num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
 
+_DEEPSEEK_V3 = dict(
+    vocab_size=129280, hidden_size=7168, num_hidden_layers=61, intermediate_size=18432,
+    max_position_embeddings=163840, num_attention_heads=128, num_key_value_heads=128,
+    attention_types=["mla"] * 61, first_k_dense_replace=3,
+    ffn_types=["dense"] * 3 + ["moe"] * 58,
+    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+    n_group=8, topk_group=4, scoring_func="sigmoid", routed_scaling_factor=2.5, norm_topk_prob=True,
+    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, original_max_position_embeddings=4096,
+                         beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
+    bos_token_id=0, eos_token_id=1,
+)
+
 PRESETS: dict[str, dict] = {
     # MLA with low-rank queries, dense first layer then MoE (group-limited routing), one hash-routed layer.
     "tiny": dict(
@@ -22,17 +35,38 @@ PRESETS: dict[str, dict] = {
         attention_types=["gqa"] * 4, ffn_types=["dense"] * 4, num_key_value_heads=2,
     ),
     # DeepSeek-V3 / V3.1 (671B total, 37B active). Shape from the official config.json.
-    "deepseek-v3": dict(
-        vocab_size=129280, hidden_size=7168, num_hidden_layers=61, intermediate_size=18432,
-        max_position_embeddings=163840, num_attention_heads=128, num_key_value_heads=128,
-        attention_types=["mla"] * 61, first_k_dense_replace=3,
-        ffn_types=["dense"] * 3 + ["moe"] * 58,
-        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
-        n_group=8, topk_group=4, scoring_func="sigmoid", routed_scaling_factor=2.5, norm_topk_prob=True,
-        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, original_max_position_embeddings=4096,
-                             beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
-        bos_token_id=0, eos_token_id=1,
+    "deepseek-v3": dict(_DEEPSEEK_V3),
+    # DeepSeek-V3.2 (-Exp): V3 + DeepSeek Sparse Attention in every layer (official config_671B_v3.2.json).
+    "deepseek-v3.2": dict(
+        _DEEPSEEK_V3, attention_sparsity=["dsa"] * 61,
+        index_n_heads=64, index_head_dim=128, index_rope_head_dim=64, index_topk=2048,
+    ),
+    "tiny-deepseek-v3.2": dict(
+        _TINY_COMMON, attention_types=["mla"] * 4, ffn_types=["dense", "moe", "moe", "moe"],
+        attention_sparsity=["dsa"] * 4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        index_n_heads=4, index_head_dim=16, index_rope_head_dim=8, index_topk=16,
+    ),
+    # The system of shared/seed: MLA + DSA + MoE + mHC + Engram + MTP. Full size = the V3.2 shape with V4's
+    # mHC (4 streams, 20 Sinkhorn iterations) and V4.1's Engram settings (App. A.4 / §6.7: orders 2-4,
+    # 8 heads × 256, 16M base rows per head, no short conv) at early layers 1 and 15, one MTP module.
+    "seed-v4": dict(
+        _DEEPSEEK_V3, attention_sparsity=["dsa"] * 61,
+        index_n_heads=64, index_head_dim=128, index_rope_head_dim=64, index_topk=2048,
+        residual_kind="mhc", hc_mult=4, hc_sinkhorn_iters=20,
+        engram_layer_ids=[1, 15], engram_max_ngram_size=4, engram_n_heads=8, engram_head_dim=256,
+        engram_vocab_size=16_000_000, engram_kernel_size=0, engram_pad_id=2, num_nextn_predict_layers=1,
+    ),
+    "tiny-seed-v4": dict(
+        _TINY_COMMON, max_position_embeddings=131072, attention_types=["mla"] * 4,
+        ffn_types=["dense", "hash_moe", "moe", "moe"], attention_sparsity=["dsa"] * 4,
+        q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        scoring_func="sigmoid", routed_scaling_factor=2.5,
+        index_n_heads=4, index_head_dim=16, index_rope_head_dim=8, index_topk=16,
+        residual_kind="mhc", hc_mult=4, engram_layer_ids=[1], engram_max_ngram_size=3, engram_n_heads=2,
+        engram_head_dim=16, engram_vocab_size=[1021, 1021], num_nextn_predict_layers=1,
     ),
 }
 

@@ -1,14 +1,20 @@
-"""`gqa` attention: multi-head / grouped-query attention with (partial) RoPE, Llama-compatible weights."""
+"""`gqa` attention: multi-head / grouped-query attention with (partial) RoPE, Llama-compatible weights.
+
+With `attention_sparsity[i] == "dsa"` a lightning indexer (fed the hidden states, as there is no query
+latent) picks the keys each query attends to, and attention runs over those only (see `dsa.py`).
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .attention_common import AttentionAux, attention_kernel
+from .attention_common import AttentionAux, attention_kernel, eager_attention_forward
+from .dsa import DSAMixin
 from .rope import apply_rope
+from .sparse_attention import sparse_attention
 
 
-class GQAAttention(nn.Module):
+class GQAAttention(DSAMixin, nn.Module):
     kind = "gqa"
 
     def __init__(self, config, layer_idx: int):
@@ -25,6 +31,7 @@ class GQAAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.init_dsa(config, layer_idx, q_input_dim=config.hidden_size)
 
     @staticmethod
     def rope_dim(config) -> int:
@@ -36,17 +43,35 @@ class GQAAttention(nn.Module):
         rot, rest = x.split([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
         return torch.cat((apply_rope(rot, cos, sin, interleaved=False), rest), dim=-1)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, key_padding=None,
+                **kwargs):
         b, s, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, H, S, D]
         k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
         v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings[self.kind]
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+        if self.indexer is not None:
+            sel = self.dsa_select(hidden_states, hidden_states, position_embeddings["indexer"], past_key_values,
+                                  past_len, key_padding)
+            if self.config.dsa_mode == "sparse":
+                out, probs = self._sparse(q, k, v, sel.idx, sel.wants_loss or bool(kwargs.get("output_attentions")))
+            else:  # dense warm-up needs the probabilities: eager kernel
+                out, probs = eager_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling)
+            return self.o_proj(out.reshape(b, s, -1)), self.dsa_aux(sel, probs)
         out, weights = attention_kernel(self.config)(
             self, q, k, v, attention_mask, scaling=self.scaling,
             dropout=self.config.attention_dropout if self.training else 0.0, **kwargs,
         )
         return self.o_proj(out.reshape(b, s, -1)), AttentionAux(weights=weights)
+
+    def _sparse(self, q, k, v, idx, return_probs: bool):
+        """q [B, H, S, D], k/v [B, Hkv, T, D]: each query group attends to its selected positions only."""
+        b, _, s, d = q.shape
+        groups = q.transpose(1, 2).reshape(b, s, self.num_kv_heads, self.num_key_value_groups, d)
+        flat_k, flat_v = (x.transpose(1, 2).flatten(2) for x in (k, v))  # [B, T, Hkv·D]
+        out, probs = sparse_attention([groups], [flat_k], flat_v, idx, self.scaling, return_probs=return_probs)
+        return out.reshape(b, s, self.num_heads, d), probs.flatten(2, 3) if probs is not None else None

@@ -37,7 +37,7 @@ def sparse_attention(
     score = Σ_i q_i·k_i. `value` is a [B, T, G·d_v] tensor, or an int naming one of `keys` (MLA's latent is
     then gathered once, as key and as value).
     idx [B, L, k]: key positions per query, -1 = no key (masked).
-    Returns out [B, L, G, Hg, d_value] and, if asked, probabilities [B, L, G, Hg, k] (float32).
+    Returns out [B, L, G, Hg, d_value] and, if asked, probabilities [B, L, G, Hg, k] (float32 or wider).
     """
     b, l, g, hg, _ = queries[0].shape
     k = idx.shape[-1]
@@ -50,8 +50,8 @@ def sparse_attention(
         sel = idx[:, sl]  # [B, Lc, k]
         gathered = [gather_rows(x, sel).unflatten(-1, (g, -1)) for x in keys]  # [B, Lc, k, G, d_i]
         scores = sum(torch.einsum("blghd,blkgd->blghk", q[:, sl], kx) for q, kx in zip(queries, gathered))
-        scores = scores.float() * scaling
-        scores = scores.masked_fill((sel < 0)[:, :, None, None, :], torch.finfo(torch.float32).min)
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scaling  # softmax in >= fp32
+        scores = scores.masked_fill((sel < 0)[:, :, None, None, :], torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1)
         v = gathered[value] if isinstance(value, int) else gather_rows(value, sel).unflatten(-1, (g, -1))
         outs.append(torch.einsum("blghk,blkgd->blghd", probs.to(v.dtype), v))
