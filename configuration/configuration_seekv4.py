@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-ATTENTION_KINDS = ("gqa", "mla")
+ATTENTION_KINDS = ("gqa", "mla", "v4")
 FFN_KINDS = ("dense", "moe", "hash_moe")
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 ROPE_TYPES = ("default", "linear", "yarn")
-SPARSITY_KINDS = {"gqa": ("dense", "dsa"), "mla": ("dense", "dsa")}  # allowed attention_sparsity per kind
+SPARSITY_KINDS = {"gqa": ("dense", "dsa"), "mla": ("dense", "dsa"), "v4": ("sliding", "csa", "hca")}
 DSA_MODES = ("sparse", "dense_warmup")
 RESIDUAL_KINDS = ("plain", "hc", "mhc")
 MHC_INITS = ("identity", "uniform")
@@ -81,6 +81,14 @@ class SeekV4Config(PreTrainedConfig):
     index_topk: int = 64
     dsa_mode: str = "sparse"  # "dense_warmup": dense main attention, indexer distilled from it (V3.2 stage 1)
     indexer_loss_weight: float = 1.0  # weight of the indexer KL in `loss` while training
+    # v4 attention (DeepSeek-V4): one K=V head of `head_dim`, RoPE on its last `qk_rope_head_dim` dims,
+    # sliding window + compressed entries (`csa`: ratio 4 with indexer top-k; `hca`: ratio 128, all entries)
+    sliding_window: int = 128
+    csa_compress_ratio: int = 4
+    hca_compress_ratio: int = 128
+    compress_rope_parameters: dict | None = None  # RoPE of csa/hca layers; None -> rope_parameters
+    o_groups: int = 8
+    o_lora_rank: int = 1024
     # moe
     moe_intermediate_size: int = 512
     n_routed_experts: int = 16
@@ -131,7 +139,9 @@ class SeekV4Config(PreTrainedConfig):
             n_dense = min(self.first_k_dense_replace, self.num_hidden_layers)
             self.ffn_types = ["dense"] * n_dense + ["moe"] * (self.num_hidden_layers - n_dense)
         if self.attention_sparsity is None:
-            self.attention_sparsity = ["dense"] * self.num_hidden_layers
+            self.attention_sparsity = ["sliding" if k == "v4" else "dense" for k in self.attention_types]
+        if self.compress_rope_parameters is None:
+            self.compress_rope_parameters = dict(self.rope_parameters)
         self.attention_types = list(self.attention_types)
         self.ffn_types = list(self.ffn_types)
         self.attention_sparsity = list(self.attention_sparsity)
@@ -150,7 +160,11 @@ class SeekV4Config(PreTrainedConfig):
     @property
     def layer_types(self) -> list[str]:
         """Cache layer kinds for `DynamicCache(config=...)`; derived, so never serialised (see class doc)."""
-        return ["indexed_attention" if s == "dsa" else "full_attention" for s in self.attention_sparsity]
+        return ["seekv4_v4" if k == "v4" else "indexed_attention" if s == "dsa" else "full_attention"
+                for k, s in zip(self.attention_types, self.attention_sparsity)]
+
+    def validate_layer_type(self):
+        """`layer_types` is derived from validated schedules (see `_check`); it includes our own cache kinds."""
 
     def _check(self):
         """Every invalid value names its field and what is allowed."""
@@ -255,22 +269,22 @@ class SeekV4Config(PreTrainedConfig):
         if self.engram_storage == "disk" and not self.engram_table_dir:
             _fail("engram_table_dir", self.engram_table_dir, "engram_storage='disk' needs a directory for the table files")
 
-    def _check_rope(self):
-        rp = self.rope_parameters
+    def _check_rope(self, field: str = "rope_parameters"):
+        rp = getattr(self, field)
         if not isinstance(rp, dict):
-            _fail("rope_parameters", rp, "expected a dict with 'rope_type' and 'rope_theta'")
+            _fail(field, rp, "expected a dict with 'rope_type' and 'rope_theta'")
         rope_type = rp.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
-            _fail("rope_parameters['rope_type']", rope_type, f"allowed: {list(ROPE_TYPES)}")
+            _fail(f"{field}['rope_type']", rope_type, f"allowed: {list(ROPE_TYPES)}")
         theta = rp.get("rope_theta")
         if not isinstance(theta, (int, float)) or theta <= 0:
-            _fail("rope_parameters['rope_theta']", theta, "expected a positive number")
+            _fail(f"{field}['rope_theta']", theta, "expected a positive number")
         if rope_type in ("linear", "yarn"):
             factor = rp.get("factor")
             if not isinstance(factor, (int, float)) or factor < 1:
-                _fail("rope_parameters['factor']", factor, f"rope_type={rope_type!r} needs a factor >= 1")
+                _fail(f"{field}['factor']", factor, f"rope_type={rope_type!r} needs a factor >= 1")
         if rope_type == "yarn" and not isinstance(rp.get("original_max_position_embeddings"), int):
-            _fail("rope_parameters['original_max_position_embeddings']", rp.get("original_max_position_embeddings"),
+            _fail(f"{field}['original_max_position_embeddings']", rp.get("original_max_position_embeddings"),
                   "rope_type='yarn' needs the pretraining context length as an integer")
 
     def _check_sparsity(self):
@@ -280,7 +294,9 @@ class SeekV4Config(PreTrainedConfig):
         for i, (kind, sparsity) in enumerate(zip(self.attention_types, self.attention_sparsity)):
             if sparsity not in SPARSITY_KINDS[kind]:
                 _fail(f"attention_sparsity[{i}]", sparsity, f"allowed for {kind!r} attention: {list(SPARSITY_KINDS[kind])}")
-        if "dsa" not in self.attention_sparsity:
+        if "v4" in self.attention_types:
+            self._check_v4()
+        if "dsa" not in self.attention_sparsity and "csa" not in self.attention_sparsity:
             return
         for name in ("index_n_heads", "index_head_dim", "index_rope_head_dim", "index_topk"):
             value = getattr(self, name)
@@ -296,6 +312,27 @@ class SeekV4Config(PreTrainedConfig):
             _fail("dsa_mode", self.dsa_mode, f"allowed: {list(DSA_MODES)}")
         if not self.indexer_loss_weight >= 0:
             _fail("indexer_loss_weight", self.indexer_loss_weight, "expected a value >= 0 (0 disables the loss)")
+
+    def _check_v4(self):
+        if not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0:
+            _fail("q_lora_rank", self.q_lora_rank, "v4 attention needs low-rank queries: a positive integer")
+        for name in ("sliding_window", "o_groups", "o_lora_rank", "qk_rope_head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                _fail(name, value, "expected a positive integer")
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.head_dim:
+            _fail("qk_rope_head_dim", self.qk_rope_head_dim, f"must be even and <= head_dim={self.head_dim}")
+        if (self.num_attention_heads * self.head_dim) % self.o_groups:
+            _fail("o_groups", self.o_groups, f"must divide num_attention_heads * head_dim = "
+                  f"{self.num_attention_heads * self.head_dim}")
+        for name in ("csa_compress_ratio", "hca_compress_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+                _fail(name, value, "expected an integer >= 2 (tokens pooled per compressed entry)")
+        if "csa" in self.attention_sparsity and self.index_topk > self.max_position_embeddings // self.csa_compress_ratio:
+            _fail("index_topk", self.index_topk, "top-k larger than the compressed context (max_position_embeddings"
+                  f" // csa_compress_ratio = {self.max_position_embeddings // self.csa_compress_ratio})")
+        self._check_rope("compress_rope_parameters")
 
     def _check_moe(self):
         for name in ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group"):

@@ -19,11 +19,12 @@ from transformers.utils import ModelOutput
 from ..configuration import SeekV4Config
 from .attention_gqa import GQAAttention
 from .attention_mla import MLAAttention
+from .attention_v4 import V4Attention
 from .moe import DenseFFN, Experts, HashRouter, MoE, Router
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, compute_inv_freq
 
-ATTENTION_CLASSES = {"gqa": GQAAttention, "mla": MLAAttention}
+ATTENTION_CLASSES = {"gqa": GQAAttention, "mla": MLAAttention, "v4": V4Attention}
 
 
 def build_ffn(config, kind: str) -> nn.Module:
@@ -153,12 +154,17 @@ class SeekV4Model(SeekV4PreTrainedModel):
         self.layers = nn.ModuleList(SeekV4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         # one RoPE table per attention kind present (their rotary widths differ), plus the DSA indexer's
-        rope_dims = {kind: ATTENTION_CLASSES[kind].rope_dim(config) for kind in set(config.attention_types)}
+        # (v4 layers own theirs: sliding and compressed layers use different RoPE parameters)
+        rope_dims = {kind: ATTENTION_CLASSES[kind].rope_dim(config) for kind in set(config.attention_types) - {"v4"}}
         if "dsa" in config.attention_sparsity:
             rope_dims["indexer"] = config.index_rope_head_dim
         self.rotary_emb = nn.ModuleDict({
             name: RotaryEmbedding(config.rope_parameters, dim) for name, dim in sorted(rope_dims.items())
         })
+        self._needs_dense_mask = any(
+            kind != "v4" and (sparsity == "dense" or config.dsa_mode == "dense_warmup")
+            for kind, sparsity in zip(config.attention_types, config.attention_sparsity)
+        )
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -205,12 +211,16 @@ class SeekV4Model(SeekV4PreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len)[None]
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+        mask = None  # only kinds that call a dense kernel need the [B, 1, S, T] mask (O(S·T) to build)
+        if self._needs_dense_mask:
+            mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      past_key_values=past_key_values, position_ids=position_ids)
         rope = {kind: emb(position_ids, inputs_embeds.dtype) for kind, emb in self.rotary_emb.items()}
         layer_kwargs = {"output_attentions": True} if output_attentions else {}
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             layer_kwargs["key_padding"] = attention_mask.bool()  # [B, T]: sparse kinds mask padding themselves
+        if "v4" in self.config.attention_types:
+            layer_kwargs["position_ids"] = position_ids  # v4 compressors pool windows of each sample's positions
 
         hidden = inputs_embeds
         all_hidden, all_attn, all_router, aux_losses, indexer_losses, recalls = [], [], [], [], [], []

@@ -91,3 +91,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def apply_rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V4 partial RoPE: interleaved rotation of the *last* 2·cos.shape[-1] dims of x [B, H, S, D]."""
+    rope_dim = 2 * cos.shape[-1]
+    nope, rope = x.split([x.shape[-1] - rope_dim, rope_dim], dim=-1)
+    return torch.cat((nope, apply_rope(rope, cos, sin, interleaved=True)), dim=-1)

@@ -30,6 +30,7 @@ def sparse_attention(
     idx: torch.Tensor,
     scaling: float,
     return_probs: bool = False,
+    sink: torch.Tensor | None = None,
 ):
     """Attention of each query over the keys it selected.
 
@@ -37,6 +38,8 @@ def sparse_attention(
     score = Σ_i q_i·k_i. `value` is a [B, T, G·d_v] tensor, or an int naming one of `keys` (MLA's latent is
     then gathered once, as key and as value).
     idx [B, L, k]: key positions per query, -1 = no key (masked).
+    sink [G·Hg]: optional per-head logit added to the softmax denominator only (an attention sink whose
+    value is zero, DeepSeek-V4).
     Returns out [B, L, G, Hg, d_value] and, if asked, probabilities [B, L, G, Hg, k] (float32 or wider).
     """
     b, l, g, hg, _ = queries[0].shape
@@ -52,7 +55,11 @@ def sparse_attention(
         scores = sum(torch.einsum("blghd,blkgd->blghk", q[:, sl], kx) for q, kx in zip(queries, gathered))
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scaling  # softmax in >= fp32
         scores = scores.masked_fill((sel < 0)[:, :, None, None, :], torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1)
+        if sink is None:
+            probs = torch.softmax(scores, dim=-1)
+        else:
+            sink_logits = sink.to(scores.dtype).view(1, 1, g, hg, 1).expand(*scores.shape[:-1], 1)
+            probs = torch.softmax(torch.cat((scores, sink_logits), dim=-1), dim=-1)[..., :-1]
         v = gathered[value] if isinstance(value, int) else gather_rows(value, sel).unflatten(-1, (g, -1))
         outs.append(torch.einsum("blghk,blkgd->blghd", probs.to(v.dtype), v))
         if return_probs:
@@ -61,7 +68,7 @@ def sparse_attention(
     return (out, torch.cat(probs_all, dim=1)) if return_probs else (out, None)
 
 
-def sparse_attention_reference(queries, keys, value, idx, scaling):
+def sparse_attention_reference(queries, keys, value, idx, scaling, sink=None):
     """Test reference: dense scores over all T keys, masked to each query's index set."""
     b, l, g, hg, _ = queries[0].shape
     t = keys[0].shape[1]
@@ -69,6 +76,8 @@ def sparse_attention_reference(queries, keys, value, idx, scaling):
     allowed = torch.zeros(b, l, t + 1, dtype=torch.bool, device=idx.device)
     allowed.scatter_(2, torch.where(idx < 0, t, idx), True)
     scores = (scores * scaling).masked_fill(~allowed[:, :, None, None, :t], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    if sink is not None:
+        scores = torch.cat((scores, sink.to(scores.dtype).view(1, 1, g, hg, 1).expand(b, l, g, hg, 1)), dim=-1)
+    probs = torch.softmax(scores, dim=-1)[..., :t]
     v = keys[value] if isinstance(value, int) else value
     return torch.einsum("blght,btgd->blghd", probs, v.unflatten(-1, (g, -1)))

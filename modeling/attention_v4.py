@@ -1,0 +1,215 @@
+"""`v4` attention: DeepSeek-V4's hybrid attention (spec §4.4–4.8, 4.13).
+
+Shared by all three layer kinds (`attention_sparsity[i]`):
+  low-rank queries with a weightless per-head RMS norm; one shared K=V head (`head_dim`, 512 at full
+  size) with partial interleaved RoPE on its last `qk_rope_head_dim` dims; a per-head attention sink;
+  inverse RoPE on the output's rope dims; grouped low-rank output projection (o_a per group, then o_b).
+Key set of the query at position t:
+  `sliding`: the last `sliding_window` tokens (itself included);
+  `hca`: the window + every compressed entry i < ⌊(t+1)/m⌋ (non-overlapping windows of m = 128);
+  `csa`: the window + the `index_topk` entries (m = 4, overlapping windows) a lightning indexer picks.
+Attention runs on those keys only (gather kernel, queries in chunks): memory O(S·(window + k)).
+Compressed layers use their own RoPE (`compress_rope_parameters`, θ = 160000 + YaRN at full size).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+
+from .attention_common import AttentionAux
+from .compressor import Compressor, CompressorState
+from .indexer import deterministic_topk
+from .norm import RMSNorm
+from .rope import RotaryEmbedding, apply_rope_tail
+from .sparse_attention import query_chunk, sparse_attention
+
+
+class V4CacheLayer(DynamicLayer):
+    """Per-layer V4 cache: the last `sliding_window - 1` K=V rows plus the compressors' states.
+
+    Compressor state cannot be rewound, so the layer is not croppable (no assisted decoding), like the
+    official demo's ring buffers.
+    """
+
+    _layer_type = "seekv4_v4"
+    is_croppable = False
+
+    def __init__(self, sliding_window: int = 128, **kwargs):
+        super().__init__()
+        self.window = sliding_window
+        self.cumulative_length = 0
+        self.states: dict[str, CompressorState] = {}
+
+    def update(self, key_states, value_states=None, *args, **kwargs):
+        """Append K=V rows [B, 1, S, D]; return past window + new rows; keep only the last window - 1."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, key_states)
+            self.keys = key_states[:, :, :0]
+        full = torch.cat((self.keys, key_states), dim=-2)
+        self.cumulative_length += key_states.shape[-2]
+        self.keys = full[:, :, -(self.window - 1):] if self.window > 1 else full[:, :, :0]
+        self.values = self.keys
+        return full, full
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def _batch_op(self, fn):
+        if self.is_initialized:
+            self.keys = self.values = fn(self.keys)
+        for state in self.states.values():
+            state.apply(fn)
+
+    def reorder_cache(self, beam_idx):
+        self._batch_op(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._batch_op(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        self._batch_op(lambda x: x[indices])
+
+    def crop(self, tokens_to_remove: int):
+        raise ValueError("The V4 attention cache holds compressor state that cannot be rewound: cropping (as used by "
+                         "assisted/speculative decoding) is not supported.")
+
+    def reset(self):
+        self.states = {}
+        self.cumulative_length = 0
+        self.keys = self.values = None
+        self.is_initialized = False
+
+
+class V4Indexer(nn.Module):
+    """CSA's lightning indexer over compressed entries: I[t, i] = Σ_h w_h·ReLU(q_h·K_i)·d^-1/2, w·H^-1/2."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = config.index_n_heads, config.index_head_dim, config.index_topk
+        self.compressor = Compressor(config.hidden_size, self.head_dim, config.csa_compress_ratio, overlap=True,
+                                     eps=config.rms_norm_eps)
+        self.q_b_proj = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+
+    def queries(self, hidden, q_latent, cos, sin):
+        b, s, _ = hidden.shape
+        q = self.q_b_proj(q_latent).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope_tail(q, cos, sin).transpose(1, 2)  # [B, S, Hi, D]
+        w = self.weights_proj(hidden).float() * (self.n_heads**-0.5 * self.head_dim**-0.5)
+        return q, w
+
+    @staticmethod
+    def select(q, w, keys, visible, k: int) -> torch.Tensor:
+        """q [B, L, Hi, D], keys [B, N, D], visible [B, L, N] -> idx [B, L, k] (-1 = none)."""
+        scores = torch.einsum("blh,blhn->bln", w, F.relu(torch.einsum("blhd,bnd->blhn", q.float(), keys.float())))
+        scores = scores.masked_fill(~visible, float("-inf"))
+        kk = min(k, keys.shape[1])
+        top = deterministic_topk(scores, kk) if kk else scores.new_zeros(*scores.shape[:2], 0, dtype=torch.long)
+        top = torch.where(visible.gather(-1, top), top, -1)
+        return F.pad(top, (0, k - kk), value=-1)
+
+
+class V4Attention(nn.Module):
+    kind = "v4"
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.sparsity = config.attention_sparsity[layer_idx]  # sliding | csa | hca
+        self.num_heads, self.head_dim, self.window = config.num_attention_heads, config.head_dim, config.sliding_window
+        self.scaling = self.head_dim**-0.5
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.q_a_proj = nn.Linear(h, config.q_lora_rank, bias=False)
+        self.q_a_norm = RMSNorm(config.q_lora_rank, eps=eps)
+        self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
+        self.kv_proj = nn.Linear(h, self.head_dim, bias=False)
+        self.kv_norm = RMSNorm(self.head_dim, eps=eps)
+        self.o_groups, self.o_lora_rank = config.o_groups, config.o_lora_rank
+        # grouped low-rank output: group g maps its H·D/G inputs to o_lora_rank (rows g·r:(g+1)·r)
+        self.o_a_proj = nn.Linear(self.num_heads * self.head_dim // self.o_groups, self.o_groups * self.o_lora_rank,
+                                  bias=False)
+        self.o_b_proj = nn.Linear(self.o_groups * self.o_lora_rank, h, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads))
+        compressed = self.sparsity != "sliding"
+        rope = config.compress_rope_parameters if compressed else config.rope_parameters
+        self.rotary = RotaryEmbedding(rope, config.qk_rope_head_dim)
+        self.ratio = {"csa": config.csa_compress_ratio, "hca": config.hca_compress_ratio}.get(self.sparsity)
+        self.compressor = (Compressor(h, self.head_dim, self.ratio, overlap=self.sparsity == "csa", eps=eps)
+                           if compressed else None)
+        self.indexer = V4Indexer(config) if self.sparsity == "csa" else None
+
+    @staticmethod
+    def rope_dim(config) -> int:
+        return config.qk_rope_head_dim
+
+    def _states(self, past_key_values, batch, dtype, device):
+        layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        states = layer.states if layer is not None else {}
+        if "kv" not in states:
+            states["kv"] = self.compressor.new_state(batch, dtype, device)
+            if self.indexer is not None:
+                states["index"] = self.indexer.compressor.new_state(batch, dtype, device)
+        return states
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, key_padding=None,
+                position_ids=None, **kwargs):
+        b, s, _ = hidden_states.shape
+        past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = (torch.arange(s, device=hidden_states.device) + past_len)[None]
+        position_ids = position_ids.expand(b, s)
+        cos, sin = self.rotary(position_ids, hidden_states.dtype)
+        q_latent = self.q_a_norm(self.q_a_proj(hidden_states))
+        q = self.q_b_proj(q_latent).view(b, s, self.num_heads, self.head_dim)
+        q = q * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps).to(q.dtype)
+        q = apply_rope_tail(q.transpose(1, 2), cos, sin).transpose(1, 2)  # [B, S, H, D]
+        kv = apply_rope_tail(self.kv_norm(self.kv_proj(hidden_states))[:, None], cos, sin)  # [B, 1, S, D]
+        if past_key_values is not None:
+            kv, _ = past_key_values.update(kv, kv, self.layer_idx)
+        window_kv = kv[:, 0]  # [B, P + S, D]: up to window-1 past rows, then the new ones
+        n_window = window_kv.shape[1]
+        padding = (key_padding[:, -n_window:] if key_padding is not None
+                   else torch.ones(b, n_window, dtype=torch.bool, device=kv.device))
+        real = padding[:, -s:]
+
+        keys, entries, index_keys = window_kv, None, None
+        if self.compressor is not None:
+            states = self._states(past_key_values, b, hidden_states.dtype, hidden_states.device)
+            entries = self.compressor(hidden_states, position_ids, real, states["kv"], self.rotary).entries
+            keys = torch.cat((window_kv, entries), dim=1)
+            if self.indexer is not None:
+                index_keys = self.indexer.compressor(hidden_states, position_ids, real, states["index"],
+                                                     self.rotary).entries
+                iq, iw = self.indexer.queries(hidden_states, q_latent, cos, sin)
+
+        out = []
+        step = query_chunk(s, 4 * (self.window + (entries.shape[1] if entries is not None else 0)) * 4)
+        local = torch.arange(self.window, device=kv.device)
+        for start in range(0, s, step):
+            rows = torch.arange(start, min(start + step, s), device=kv.device)
+            cache_rows = n_window - s + rows  # index of each query in the window buffer
+            idx = cache_rows[:, None] - (self.window - 1) + local  # [Lc, W]
+            ok = (idx >= 0) & padding.gather(1, idx.clamp(min=0).flatten()[None].expand(b, -1)).view(b, *idx.shape)
+            idx = torch.where(ok, idx, -1)  # [B, Lc, W]
+            if entries is not None:
+                limit = (position_ids[:, rows] + 1) // self.ratio  # entries i < ⌊(t+1)/m⌋ are complete
+                visible = torch.arange(entries.shape[1], device=kv.device) < limit[..., None]  # [B, Lc, N]
+                if self.indexer is None:
+                    chosen = torch.where(visible, torch.arange(entries.shape[1], device=kv.device), -1)
+                else:
+                    chosen = V4Indexer.select(iq[:, rows], iw[:, rows], index_keys, visible, self.indexer.topk)
+                idx = torch.cat((idx, torch.where(chosen >= 0, chosen + n_window, -1)), dim=-1)
+            o, _ = sparse_attention([q[:, rows, None]], [keys], 0, idx, self.scaling, sink=self.sinks)
+            out.append(o[:, :, 0])  # [B, Lc, H, D]
+        out = torch.cat(out, dim=1)
+        # values carry RoPE (K = V): rotating the output back by -t leaves relative positions only
+        out = apply_rope_tail(out.transpose(1, 2), cos, -sin).transpose(1, 2)
+        grouped = out.reshape(b, s, self.o_groups, -1)  # [B, S, G, H·D/G]
+        w_a = self.o_a_proj.weight.view(self.o_groups, self.o_lora_rank, -1)
+        low = torch.einsum("bsgi,gri->bsgr", grouped, w_a).flatten(2)
+        return self.o_b_proj(low), AttentionAux()
