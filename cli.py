@@ -55,10 +55,10 @@ def cmd_info(args) -> int:
     print(f"KV cache per token: {sum(kv):,} elements = {2 * sum(kv):,} bytes in bf16 "
           f"({4 * sum(kv):,} in float32)")
     print("layer schedule:")
-    print(f"  {'layers':<10} {'attention':<10} {'ffn':<9} {'kv elements/token/layer':>24}")
+    print(f"  {'layers':<10} {'attention':<12} {'ffn':<9} {'kv elements/token/layer':>24}")
     for first, last, attention, ffn in schedule_runs(config):
         span = f"{first}" if first == last else f"{first}-{last}"
-        print(f"  {span:<10} {attention:<10} {ffn:<9} {kv[first]:>24,}")
+        print(f"  {span:<10} {attention:<12} {ffn:<9} {kv[first]:>24,}")
     return 0
 
 

@@ -19,6 +19,17 @@ _DEEPSEEK_V3 = dict(
     bos_token_id=0, eos_token_id=1,
 )
 
+_DEEPSEEK_V4 = dict(
+    vocab_size=129280, max_position_embeddings=1048576, head_dim=512, qk_rope_head_dim=64, o_lora_rank=1024,
+    sliding_window=128, csa_compress_ratio=4, hca_compress_ratio=128, index_n_heads=64, index_head_dim=128,
+    rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    compress_rope_parameters=dict(rope_type="yarn", rope_theta=160000.0, factor=16.0,
+                                  original_max_position_embeddings=65536, beta_fast=32, beta_slow=1),
+    n_shared_experts=1, num_experts_per_tok=6, scoring_func="sqrtsoftplus", swiglu_limit=10.0, norm_topk_prob=True,
+    residual_kind="mhc", hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, num_nextn_predict_layers=1,
+    bos_token_id=0, eos_token_id=1,
+)
+
 PRESETS: dict[str, dict] = {
     # MLA with low-rank queries, dense first layer then MoE (group-limited routing), one hash-routed layer.
     "tiny": dict(
@@ -67,6 +78,30 @@ PRESETS: dict[str, dict] = {
         index_n_heads=4, index_head_dim=16, index_rope_head_dim=8, index_topk=16,
         residual_kind="mhc", hc_mult=4, engram_layer_ids=[1], engram_max_ngram_size=3, engram_n_heads=2,
         engram_head_dim=16, engram_vocab_size=[1021, 1021], num_nextn_predict_layers=1,
+    ),
+    # DeepSeek-V4 (official config.json files, spec §4.2): hybrid sliding / CSA / HCA attention, mHC,
+    # sqrt-softplus MoE with hash routing in the first 3 layers, clamped SwiGLU, one MTP module.
+    "deepseek-v4-flash": dict(
+        _DEEPSEEK_V4, hidden_size=4096, num_hidden_layers=43, num_attention_heads=64, q_lora_rank=1024,
+        attention_types=["v4"] * 43, attention_sparsity=["sliding"] * 2 + ["csa", "hca"] * 20 + ["csa"],
+        ffn_types=["hash_moe"] * 3 + ["moe"] * 40, o_groups=8, index_topk=512,
+        n_routed_experts=256, moe_intermediate_size=2048, routed_scaling_factor=1.5,
+    ),
+    "deepseek-v4-pro": dict(
+        _DEEPSEEK_V4, hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
+        attention_types=["v4"] * 61, attention_sparsity=["hca"] * 2 + ["csa", "hca"] * 29 + ["csa"],
+        ffn_types=["hash_moe"] * 3 + ["moe"] * 58, o_groups=16, index_topk=1024,
+        n_routed_experts=384, moe_intermediate_size=3072, routed_scaling_factor=2.5,
+    ),
+    "tiny-deepseek-v4-flash": dict(
+        _TINY_COMMON, max_position_embeddings=131072, attention_types=["v4"] * 4,
+        attention_sparsity=["sliding", "csa", "hca", "csa"], ffn_types=["hash_moe", "moe", "moe", "moe"],
+        head_dim=64, qk_rope_head_dim=16, q_lora_rank=48, o_groups=2, o_lora_rank=32, sliding_window=32,
+        csa_compress_ratio=4, hca_compress_ratio=32, index_n_heads=4, index_head_dim=16, index_topk=16,
+        compress_rope_parameters=dict(rope_type="yarn", rope_theta=160000.0, factor=16.0,
+                                      original_max_position_embeddings=8192, beta_fast=32, beta_slow=1),
+        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0,
     ),
 }
 

@@ -12,11 +12,19 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def kv_cache_elements_per_token(config) -> list[int]:
     """Cached elements per token for each layer: exactly what that attention kind stores."""
     per_layer = []
-    for kind in config.attention_types:
+    for kind, sparsity in zip(config.attention_types, config.attention_sparsity):
         if kind == "mla":
             per_layer.append(config.kv_lora_rank + config.qk_rope_head_dim)  # latent + shared RoPE key
-        else:
+        elif kind == "gqa":
             per_layer.append(2 * config.num_key_value_heads * config.head_dim)  # keys + values
+        elif sparsity == "csa":  # one K=V entry and one index key per csa_compress_ratio tokens
+            per_layer.append((config.head_dim + config.index_head_dim) / config.csa_compress_ratio)
+        elif sparsity == "hca":
+            per_layer.append(config.head_dim / config.hca_compress_ratio)
+        else:  # sliding: a fixed window, nothing per token
+            per_layer.append(0)
+        if kind != "v4" and sparsity == "dsa":
+            per_layer[-1] += config.index_head_dim  # DSA index key
     return per_layer
 
 
@@ -38,11 +46,13 @@ def parameter_counts(config) -> dict[str, int]:
 
 
 def schedule_runs(config) -> list[tuple[int, int, str, str]]:
-    """Consecutive layers with the same (attention, ffn) kinds: [(first, last, attention, ffn)]."""
+    """Consecutive layers with the same (attention[/sparsity], ffn) kinds: [(first, last, attention, ffn)]."""
     runs = []
-    for i, kinds in enumerate(zip(config.attention_types, config.ffn_types)):
-        if runs and runs[-1][2:] == kinds:
-            runs[-1] = (runs[-1][0], i, *kinds)
+    kinds = [(a if s in ("dense", "sliding") and a != "v4" else f"{a}/{s}", f)
+             for a, s, f in zip(config.attention_types, config.attention_sparsity, config.ffn_types)]
+    for i, kind in enumerate(kinds):
+        if runs and runs[-1][2:] == kind:
+            runs[-1] = (runs[-1][0], i, *kind)
         else:
-            runs.append((i, i, *kinds))
+            runs.append((i, i, *kind))
     return runs

@@ -18,7 +18,19 @@ def test_info_full_size_deepseek_v3_matches_published_sizes(capsys):
     assert "total 671,026,404,352 (671.03B)" in out
     assert "(37.55B)" in out
     assert "35,136 elements = 70,272 bytes in bf16" in out
-    assert "3-60       mla        moe" in out
+    assert "3-60       mla          moe" in out
+
+
+def test_info_deepseek_v4_flash_matches_published_sizes(capsys):
+    assert main(["info", "deepseek-v4-flash"]) == 0
+    out = capsys.readouterr().out
+    # V4-Flash: 284B total / 13B active (model card), plus one MTP block (~7B, ~1B active) that we count;
+    # CSA layers keep (512 + 128) / 4 elements per token, HCA layers 512 / 128
+    total = int(out.split("total ")[1].split(" ")[0].replace(",", ""))
+    active = int(out.split("active per token ")[1].split(" ")[0].replace(",", ""))
+    assert 280e9 < total < 292e9 and 12.5e9 < active < 15e9
+    assert "2          v4/csa       hash_moe                     160.0" in out
+    assert "3          v4/hca       moe                            4.0" in out
 
 
 def test_info_on_saved_folder_and_gqa_kv_bytes(tmp_path, capsys):
