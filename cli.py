@@ -46,6 +46,8 @@ def cmd_info(args) -> int:
     from .modeling.summary import kv_cache_elements_per_token, parameter_counts, schedule_runs
 
     config = load_config(args.model)
+    if args.kv_cache_dtype:
+        config = type(config)(**{**config.to_dict(), "kv_cache_dtype": args.kv_cache_dtype})
     counts = parameter_counts(config)
     kv = kv_cache_elements_per_token(config)
     print(f"model: {args.model}  ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
@@ -54,6 +56,16 @@ def cmd_info(args) -> int:
           f"{counts['active_per_token']:,} ({_human(counts['active_per_token'])})")
     print(f"KV cache per token: {sum(kv):,} elements = {2 * sum(kv):,} bytes in bf16 "
           f"({4 * sum(kv):,} in float32)")
+    if config.kv_cache_dtype == "fp8_e4m3":
+        from .modeling.fp8 import fp8_relative_error, packed_bytes
+
+        block = config.kv_cache_fp8_block
+        per_layer = packed_bytes(config.kv_lora_rank, block) + 2 * config.qk_rope_head_dim
+        per_layer += 2 * config.index_head_dim if "dsa" in config.attention_sparsity else 0
+        print(f"  with kv_cache_dtype=fp8_e4m3: {per_layer * config.num_hidden_layers:,} bytes per token "
+              f"({per_layer:,} per layer: {config.kv_lora_rank} e4m3 + {config.kv_lora_rank // block} float32 scales "
+              f"+ bf16 RoPE key{' + bf16 index key' if 'dsa' in config.attention_sparsity else ''}); measured fp8 "
+              f"round-trip error {fp8_relative_error(config.kv_lora_rank, block):.2%} relative RMS on unit-RMS latents")
     print("layer schedule:")
     print(f"  {'layers':<10} {'attention':<12} {'ffn':<9} {'kv elements/token/layer':>24}")
     for first, last, attention, ffn in schedule_runs(config):
@@ -116,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="parameters, active parameters, KV-cache bytes and layer schedule")
     p.add_argument("model", help=PRESET_OR_PATH)
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3"], help="report sizes for this cache storage")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("presets", help="list the preset names")
     p.set_defaults(func=cmd_presets)

@@ -9,6 +9,7 @@ SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 ROPE_TYPES = ("default", "linear", "yarn")
 SPARSITY_KINDS = {"gqa": ("dense", "dsa"), "mla": ("dense", "dsa"), "v4": ("sliding", "csa", "hca")}
 DSA_MODES = ("sparse", "dense_warmup")
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 RESIDUAL_KINDS = ("plain", "hc", "mhc")
 MHC_INITS = ("identity", "uniform")
 ENGRAM_STORAGES = ("device", "host", "disk")
@@ -72,6 +73,11 @@ class SeekV4Config(PreTrainedConfig):
     qk_rope_head_dim: int = 32
     v_head_dim: int = 64
     rope_interleave: bool = True
+    # "fp8_e4m3": the mla latent is stored (and, so cached and uncached runs agree, always used) in fp8 with one
+    # power-of-two float32 scale per `kv_cache_fp8_block` values; the RoPE key stays in the model dtype
+    # (FlashMLA's V3.2 layout: 656 B/token/layer at full size in bf16)
+    kv_cache_dtype: str = "auto"
+    kv_cache_fp8_block: int = 128
     # sparse attention: `attention_sparsity[i]` in SPARSITY_KINDS[attention_types[i]] (None: all "dense").
     # "dsa" = DeepSeek Sparse Attention (V3.2): a lightning indexer picks `index_topk` keys per query.
     attention_sparsity: list[str] | None = None
@@ -210,6 +216,14 @@ class SeekV4Config(PreTrainedConfig):
                 _fail("q_lora_rank", self.q_lora_rank, "expected None (full-rank queries) or a positive integer")
         self._check_rope()
         self._check_sparsity()
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            _fail("kv_cache_dtype", self.kv_cache_dtype, f"allowed: {list(KV_CACHE_DTYPES)}")
+        if self.kv_cache_dtype == "fp8_e4m3":
+            if set(self.attention_types) != {"mla"}:
+                _fail("kv_cache_dtype", self.kv_cache_dtype, "fp8 cache storage is implemented for 'mla' attention only")
+            block = self.kv_cache_fp8_block
+            if not isinstance(block, int) or block <= 0 or self.kv_lora_rank % block:
+                _fail("kv_cache_fp8_block", block, f"expected a positive divisor of kv_lora_rank={self.kv_lora_rank}")
         if any(k in ("moe", "hash_moe") for k in self.ffn_types):
             self._check_moe()
         self._check_residual()

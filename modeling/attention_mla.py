@@ -22,6 +22,7 @@ from torch import nn
 
 from .attention_common import AttentionAux, apply_mask, attention_kernel, causal_bool_mask
 from .dsa import DSAMixin
+from .fp8 import pack_fp8, packed_bytes, unpack_fp8
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
 from .sparse_attention import sparse_attention
@@ -75,7 +76,9 @@ class MLAAttention(DSAMixin, nn.Module):
         q_rope = apply_rope(q_rope, cos, sin, interleaved)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, interleaved)  # [B, 1, S, dr]
         past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
-        if past_key_values is not None:
+        if self.config.kv_cache_dtype == "fp8_e4m3":
+            c_kv, k_rope = self._fp8_cache(c_kv, k_rope, past_key_values)
+        elif past_key_values is not None:
             c_kv, k_rope = past_key_values.update(c_kv, k_rope, self.layer_idx)  # [B, 1, T, r], [B, 1, T, dr]
         if self.indexer is not None:
             selection = self.dsa_select(hidden_states, q_latent, position_embeddings["indexer"], past_key_values,
@@ -92,6 +95,18 @@ class MLAAttention(DSAMixin, nn.Module):
         else:
             out, weights = self._expanded(q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs)
         return self.o_proj(out.reshape(b, s, -1)), AttentionAux(weights=weights)
+
+    def _fp8_cache(self, c_kv, k_rope, past_key_values):
+        """Cache one byte record per token, [e4m3 latent | float32 scales | RoPE key in the model dtype] (FlashMLA's
+        V3.2 layout), and attend with the dequantised latent whether cached or not, so both paths agree."""
+        dtype = k_rope.dtype
+        record = torch.cat((pack_fp8(c_kv, self.config.kv_cache_fp8_block), k_rope.contiguous().view(torch.float8_e4m3fn)),
+                           dim=-1)
+        if past_key_values is not None:
+            record, _ = past_key_values.update(record, record[..., :0], self.layer_idx)
+        latent_bytes = packed_bytes(self.kv_lora_rank, self.config.kv_cache_fp8_block)
+        c_kv = unpack_fp8(record[..., :latent_bytes], self.kv_lora_rank, dtype)
+        return c_kv, record[..., latent_bytes:].contiguous().view(dtype)
 
     def _use_absorbed(self, q_len: int, kv_len: int, attention_mask) -> bool:
         if self.training or not (attention_mask is None or isinstance(attention_mask, torch.Tensor)):
