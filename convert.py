@@ -1,9 +1,10 @@
 """Convert in-memory transformers models to seekv4 with identical function.
 
 Supported sources: `LlamaForCausalLM` (-> `gqa` attention + `dense` FFN), `DeepseekV3ForCausalLM`
-(-> `mla` attention + `dense`/`moe` FFN) and `DeepseekV32ForCausalLM` (-> the same + DSA on every
-layer). Our module names follow the transformers ones on purpose, so conversion is a config translation
-plus a strict state-dict load.
+(-> `mla` attention + `dense`/`moe` FFN), `DeepseekV32ForCausalLM` (-> the same + DSA on every layer) and
+`DeepseekV4ForCausalLM` (-> `v4` attention, `hash_moe`/`moe`, `mhc` residuals). Our module names follow
+the transformers ones where the structure is the same, so conversion is a config translation, a few key
+renames, and a strict state-dict load.
 """
 from __future__ import annotations
 
@@ -78,7 +79,44 @@ def config_from_deepseek_v32(src) -> SeekV4Config:
     })
 
 
-CONFIG_CONVERTERS = {"llama": config_from_llama, "deepseek_v3": config_from_deepseek_v3,
+_V4_SPARSITY = {"sliding_attention": "sliding", "compressed_sparse_attention": "csa",
+                "heavily_compressed_attention": "hca"}
+
+
+def config_from_deepseek_v4(src) -> SeekV4Config:
+    n = src.num_hidden_layers
+    rope = {name: {k: v for k, v in src.rope_parameters[name].items() if k != "partial_rotary_factor"}
+            for name in ("main", "compress")}
+    return SeekV4Config(
+        **{f: getattr(src, f) for f in _COMMON_FIELDS if f not in ("intermediate_size", "attention_bias")},
+        intermediate_size=src.intermediate_size,
+        attention_types=["v4"] * n, attention_sparsity=[_V4_SPARSITY[t] for t in src.layer_types],
+        ffn_types=["hash_moe" if t == "hash_moe" else "moe" for t in src.mlp_layer_types],
+        head_dim=src.head_dim, qk_rope_head_dim=src.qk_rope_head_dim, q_lora_rank=src.q_lora_rank,
+        o_groups=src.o_groups, o_lora_rank=src.o_lora_rank, sliding_window=src.sliding_window,
+        csa_compress_ratio=src.compress_rates["compressed_sparse_attention"],
+        hca_compress_ratio=src.compress_rates["heavily_compressed_attention"],
+        index_n_heads=src.index_n_heads, index_head_dim=src.index_head_dim, index_topk=src.index_topk,
+        rope_parameters=rope["main"], compress_rope_parameters=rope["compress"],
+        moe_intermediate_size=src.intermediate_size, n_routed_experts=src.n_routed_experts, n_shared_experts=1,
+        num_experts_per_tok=src.num_experts_per_tok, scoring_func=src.scoring_func, norm_topk_prob=True,
+        routed_scaling_factor=src.routed_scaling_factor, swiglu_limit=src.swiglu_limit,
+        residual_kind="mhc", hc_mult=src.hc_mult, hc_sinkhorn_iters=src.hc_sinkhorn_iters, hc_eps=src.hc_eps,
+        num_nextn_predict_layers=0,  # the port does not instantiate its MTP block
+    )
+
+
+def _rename_deepseek_v4(key: str) -> str:
+    """The port nests CSA's indexer inside the compressor; ours sits beside it (it has its own compressor)."""
+    key = key.replace(".compressor.indexer.scorer.", ".indexer.")
+    for name in ("position_bias", "kv_proj", "gate_proj", "kv_norm"):
+        key = key.replace(f".compressor.indexer.{name}", f".indexer.compressor.{name}")
+    return key.replace(".compressor.indexer.", ".indexer.")
+
+
+KEY_RENAMES = {"deepseek_v4": _rename_deepseek_v4}
+
+CONFIG_CONVERTERS = {"llama": config_from_llama, "deepseek_v3": config_from_deepseek_v3, "deepseek_v4": config_from_deepseek_v4,
                      "deepseek_v32": config_from_deepseek_v32}
 
 
@@ -96,7 +134,13 @@ def from_transformers(model: torch.nn.Module) -> SeekV4ForCausalLM:
     with torch.device(param.device):
         ours = SeekV4ForCausalLM(config).to(param.dtype)
     n = config.num_hidden_layers  # checkpoints may store MTP layers after the decoder stack: not ours to load
-    state = {k: v for k, v in model.state_dict().items()
+    rename = KEY_RENAMES.get(model_type, lambda key: key)
+    state = {rename(k): v for k, v in model.state_dict().items()
              if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)}
-    ours.load_state_dict(state, strict=True)
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    # hash-routed layers have no balancing bias in other implementations; ours is unused there (kept at 0)
+    missing = [k for k in missing if not (k.endswith("gate.e_score_correction_bias") and
+                                          k.replace("e_score_correction_bias", "tid2eid") in state)]
+    if missing or unexpected:
+        raise ValueError(f"Converting {type(model).__name__}: missing {missing}, unexpected {unexpected}.")
     return ours.train(model.training)

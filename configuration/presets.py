@@ -23,7 +23,8 @@ _DEEPSEEK_V4 = dict(
     vocab_size=129280, max_position_embeddings=1048576, head_dim=512, qk_rope_head_dim=64, o_lora_rank=1024,
     sliding_window=128, csa_compress_ratio=4, hca_compress_ratio=128, index_n_heads=64, index_head_dim=128,
     rope_parameters=dict(rope_type="default", rope_theta=10000.0),
-    compress_rope_parameters=dict(rope_type="yarn", rope_theta=160000.0, factor=16.0,
+    # YaRN frequencies only: the reference does not scale cos/sin (attention_factor 1, spec §4.8)
+    compress_rope_parameters=dict(rope_type="yarn", rope_theta=160000.0, factor=16.0, attention_factor=1.0,
                                   original_max_position_embeddings=65536, beta_fast=32, beta_slow=1),
     n_shared_experts=1, num_experts_per_tok=6, scoring_func="sqrtsoftplus", swiglu_limit=10.0, norm_topk_prob=True,
     residual_kind="mhc", hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, num_nextn_predict_layers=1,
@@ -98,7 +99,7 @@ PRESETS: dict[str, dict] = {
         attention_sparsity=["sliding", "csa", "hca", "csa"], ffn_types=["hash_moe", "moe", "moe", "moe"],
         head_dim=64, qk_rope_head_dim=16, q_lora_rank=48, o_groups=2, o_lora_rank=32, sliding_window=32,
         csa_compress_ratio=4, hca_compress_ratio=32, index_n_heads=4, index_head_dim=16, index_topk=16,
-        compress_rope_parameters=dict(rope_type="yarn", rope_theta=160000.0, factor=16.0,
+        compress_rope_parameters=dict(rope_type="yarn", rope_theta=160000.0, factor=16.0, attention_factor=1.0,
                                       original_max_position_embeddings=8192, beta_fast=32, beta_slow=1),
         moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
         scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0,
