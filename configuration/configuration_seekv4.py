@@ -169,8 +169,12 @@ class SeekV4Config(PreTrainedConfig):
         return ["seekv4_v4" if k == "v4" else "indexed_attention" if s == "dsa" else "full_attention"
                 for k, s in zip(self.attention_types, self.attention_sparsity)]
 
-    def validate_layer_type(self):
-        """`layer_types` is derived from validated schedules (see `_check`); it includes our own cache kinds."""
+    def validate(self):
+        """transformers' class validators minus `validate_layer_type`: our derived `layer_types` names our own cache
+        kinds (checked by `_check` through the schedules they come from), which its fixed list does not know."""
+        for validator in PreTrainedConfig.__class_validators__:
+            if validator.__name__ != "validate_layer_type":
+                validator(self)
 
     def _check(self):
         """Every invalid value names its field and what is allowed."""

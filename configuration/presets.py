@@ -104,6 +104,16 @@ PRESETS: dict[str, dict] = {
         moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
         scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0,
     ),
+    "tiny-deepseek-v4-pro": dict(
+        _TINY_COMMON, max_position_embeddings=131072, attention_types=["v4"] * 4,
+        attention_sparsity=["hca", "hca", "csa", "hca"], ffn_types=["hash_moe", "hash_moe", "moe", "moe"],
+        head_dim=64, qk_rope_head_dim=16, q_lora_rank=48, o_groups=4, o_lora_rank=32, sliding_window=32,
+        csa_compress_ratio=4, hca_compress_ratio=32, index_n_heads=4, index_head_dim=16, index_topk=32,
+        compress_rope_parameters=dict(rope_type="yarn", rope_theta=160000.0, factor=16.0, attention_factor=1.0,
+                                      original_max_position_embeddings=8192, beta_fast=32, beta_slow=1),
+        moe_intermediate_size=32, n_routed_experts=12, n_shared_experts=1, num_experts_per_tok=2,
+        scoring_func="sqrtsoftplus", routed_scaling_factor=2.5, swiglu_limit=10.0,
+    ),
 }
 
 
