@@ -24,8 +24,11 @@ def test_tiny_preset_runs_and_generates(name, tmp_path):
     ids = torch.randint(3, config.vocab_size, (2, 40))
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
-    config.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
     assert SeekV4Config.from_pretrained(tmp_path).to_dict() == config.to_dict()
+    loaded = SeekV4ForCausalLM.from_pretrained(tmp_path).eval()  # strict: every weight and buffer accounted for
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("name", FULL)
