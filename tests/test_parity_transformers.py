@@ -87,23 +87,6 @@ def _deepseek_v32(index_topk=6):
     return model
 
 
-@pytest.fixture
-def port_topk_with_our_tie_rule(monkeypatch):
-    """The port's indexer calls `Tensor.topk`, whose choice among equal scores depends on memory layout;
-    ReLU scores tie exactly (all heads zero) often. For parity the port gets our rule: ties -> later position."""
-    from seekv4.modeling.indexer import deterministic_topk
-
-    original = torch.Tensor.topk
-
-    def topk(self, k, dim=-1, largest=True, sorted=True):
-        if not self.is_floating_point() or dim not in (-1, self.dim() - 1) or not largest:
-            return original(self, k, dim=dim, largest=largest, sorted=sorted)
-        idx = deterministic_topk(self, k)
-        return torch.return_types.topk((self.gather(-1, idx), idx))
-
-    monkeypatch.setattr(torch.Tensor, "topk", topk)
-
-
 def test_deepseek_v32_parity(port_topk_with_our_tie_rule):
     src = _deepseek_v32()
     ours = from_transformers(src)
