@@ -123,6 +123,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_build_benchmarks(args) -> int:
+    from .eval.commands import build_benchmarks
+    from .eval.prompts import EvalError
+
+    try:
+        return build_benchmarks(args.out, args.check)
+    except EvalError as err:
+        raise CLIError(str(err)) from err
+
+
+def cmd_eval(args) -> int:
+    from .eval.commands import eval_command
+    from .eval.prompts import EvalError
+
+    try:
+        return eval_command(args.model, args.tasks, args.buckets, args.output, args.limit, args.dtype)
+    except EvalError as err:
+        raise CLIError(str(err)) from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seekv4", description="DeepSeek-V4-family sparse models on transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds sampling and preset weight initialisation")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("build-benchmarks", help="rebuild the long-context code benchmarks (deterministic)")
+    p.add_argument("--out", help="output folder (default: replace the shipped seekv4/eval/data)")
+    p.add_argument("--check", action="store_true", help="exit 1 unless the rebuild matches the shipped sha256")
+    p.set_defaults(func=cmd_build_benchmarks)
+    p = sub.add_parser("eval", help="long-context code benchmarks for any causal LM")
+    p.add_argument("--model", required=True, help="a model folder, a .gguf file, or a seekv4 preset (random)")
+    p.add_argument("--tasks", nargs="+", default=["repo_nextline", "file_nextline", "code_needle"],
+                   help="repo_nextline file_nextline code_needle (space or comma separated)")
+    p.add_argument("--buckets", nargs="+", default=["2k", "4k"], help="context buckets: 2k 4k 8k ... 128k")
+    p.add_argument("--output", required=True, help="results folder; rerunning into it resumes")
+    p.add_argument("--limit", type=int, help="at most this many examples per task and bucket")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -2,7 +2,8 @@
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-SUBPACKAGES = ["configuration", "modeling", "tokenization", "eval"]
+SUBPACKAGES = ["configuration", "modeling", "tokenization", "eval", "eval/metrics", "eval/lm_eval_tasks"] + [
+    f"eval/metrics/{m}" for m in ("code_exact_match", "edit_similarity", "needle_accuracy", "bucket_perplexity")]
 
 
 class BuildPy(build_py):
@@ -20,8 +21,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["seekv4"] + [f"seekv4.{name}" for name in SUBPACKAGES],
-    package_dir={"seekv4": ".", **{f"seekv4.{name}": name for name in SUBPACKAGES}},
+    packages=["seekv4"] + [f"seekv4.{name.replace('/', '.')}" for name in SUBPACKAGES],
+    package_dir={"seekv4": ".", **{f"seekv4.{name.replace('/', '.')}": name for name in SUBPACKAGES}},
+    package_data={"seekv4.eval": ["data/*.jsonl", "data/*.json"], "seekv4.eval.lm_eval_tasks": ["*.yaml"]},
     install_requires=[
         "torch>=2.6",
         "transformers>=5.0,<6",
@@ -31,9 +33,11 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "datasets>=3"],
+        "test": ["pytest>=8", "pytest-timeout", "datasets>=3", "evaluate>=0.4", "rapidfuzz>=3", "matplotlib",
+                 "lm-eval>=0.4.13"],
         "train": ["peft>=0.15", "datasets>=3"],
-        "eval": ["datasets>=3", "evaluate>=0.4", "matplotlib"],
+        "eval": ["datasets>=3", "evaluate>=0.4", "rapidfuzz>=3", "matplotlib", "gguf>=0.10"],
+        "lm-eval": ["lm-eval>=0.4.13"],
     },
     cmdclass={"build_py": BuildPy},
     entry_points={"console_scripts": ["seekv4=seekv4.cli:main"]},

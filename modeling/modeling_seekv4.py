@@ -20,8 +20,12 @@ from ..configuration import SeekV4Config
 from .attention_gqa import GQAAttention
 from .attention_mla import MLAAttention
 from .attention_v4 import V4Attention
+from .engram import Engram, EngramCacheLayer, EngramMemory, NgramHasher, engram_cache
+from .engram_table import EngramTable
 from .moe import DenseFFN, Experts, HashRouter, MoE, Router
+from .mtp import MTPModule, shift_left
 from .norm import RMSNorm
+from .residual import HCSite, HyperHead, MHCSite, build_head, build_site, expand
 from .rope import RotaryEmbedding, compute_inv_freq
 
 ATTENTION_CLASSES = {"gqa": GQAAttention, "mla": MLAAttention, "v4": V4Attention}
@@ -43,6 +47,7 @@ class SeekV4ModelOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
     indexer_loss: torch.Tensor | None = None
     indexer_recall: torch.Tensor | None = None
+    mtp_hidden_states: tuple[torch.Tensor, ...] | None = None  # per MTP depth, normed [B, S, H]
 
 
 @dataclass
@@ -54,6 +59,7 @@ class SeekV4CausalLMOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
     indexer_loss: torch.Tensor | None = None  # mean DSA indexer KL over layers (unweighted)
     indexer_recall: torch.Tensor | None = None  # dense warm-up: attention mass captured by the top-k
+    mtp_loss: torch.Tensor | None = None  # mean LM loss of the MTP modules (unweighted)
     logits: torch.Tensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -62,22 +68,35 @@ class SeekV4CausalLMOutput(ModelOutput):
 
 
 class SeekV4DecoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config, layer_idx: int):
+    """hidden_states are the residual streams [B, S, n, H] (n = 1 for `plain`), see residual.py."""
+
+    def __init__(self, config, layer_idx: int, mtp: bool = False):
         super().__init__()
+        self.layer_idx = layer_idx
         self.attention_kind, self.ffn_kind = config.attention_types[layer_idx], config.ffn_types[layer_idx]
+        self.engram = None
+        if layer_idx in config.engram_layer_ids and not mtp:
+            self.engram = Engram(config, layer_idx, sum(NgramHasher(config).table_sizes(layer_idx)))
+        self.attn_hc = build_site(config, layer_idx, 0)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = ATTENTION_CLASSES[self.attention_kind](config, layer_idx)
+        self.ffn_hc = build_site(config, layer_idx, 1)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = build_ffn(config, self.ffn_kind)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                input_ids=None, **kwargs):
+                input_ids=None, engram_rows=None, engram_state=None, engram_mask=None, **kwargs):
+        streams = hidden_states
+        if self.engram is not None:
+            streams = self.engram(streams, engram_rows, engram_state, engram_mask)
+        x, coeffs = self.attn_hc.pre(streams)
         attn_out, attn_aux = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs,
+            self.input_layernorm(x), position_embeddings, attention_mask, past_key_values, **kwargs,
         )
-        hidden_states = hidden_states + attn_out
-        ffn_out, router_aux = self.mlp(self.post_attention_layernorm(hidden_states), input_ids)
-        return hidden_states + ffn_out, attn_aux, router_aux
+        streams = self.attn_hc.post(streams, attn_out, coeffs)
+        x, coeffs = self.ffn_hc.pre(streams)
+        ffn_out, router_aux = self.mlp(self.post_attention_layernorm(x), input_ids)
+        return self.ffn_hc.post(streams, ffn_out, coeffs), attn_aux, router_aux
 
 
 class SeekV4PreTrainedModel(PreTrainedModel):
@@ -89,7 +108,7 @@ class SeekV4PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "attn_hc", "ffn_hc", "hc_head"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -108,6 +127,19 @@ class SeekV4PreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, compute_inv_freq(module.rope_parameters, module.dim)[0])
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, (HCSite, MHCSite, HyperHead)):
+            module.reset_parameters()
+        elif isinstance(module, Engram):
+            init.ones_(module.q_norm)
+            init.ones_(module.k_norm)
+            if module.kernel_size:
+                init.ones_(module.conv_norm)
+                init.normal_(module.conv.weight, mean=0.0, std=std)
+        elif isinstance(module, EngramTable):
+            init.normal_(module.weight, mean=0.0, std=1.0)  # nn.Embedding's default, as in the Engram demo
+            init.zeros_(module.row_sum_sq)
+        elif isinstance(module, EngramMemory):
+            init.copy_(module.token_map, torch.arange(module.token_map.shape[0]))
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
         """`generate` pre-builds 4-D masks for static caches; our forward builds its own masks (the sparse
@@ -124,6 +156,9 @@ class SeekV4PreTrainedModel(PreTrainedModel):
         if check_shapes:  # let transformers report the mismatches instead of raising a generic error
             kwargs["ignore_mismatched_sizes"] = True
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        for module in model.modules():
+            if isinstance(module, EngramTable):
+                module.restore_storage()
         if strict:
             head_only = not hasattr(model, "lm_head")  # a base model may load a checkpoint with an LM head
             problems = {
@@ -152,7 +187,14 @@ class SeekV4Model(SeekV4PreTrainedModel):
         self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(SeekV4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.engram = EngramMemory(config) if config.engram_layer_ids else None
+        self.hc_head = build_head(config)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # MTP blocks take the last layer's attention / FFN kinds and never use the cache
+        self.mtp = nn.ModuleList(
+            MTPModule(config, SeekV4DecoderLayer(config, config.num_hidden_layers - 1, mtp=True))
+            for _ in range(config.num_nextn_predict_layers)
+        )
         # one RoPE table per attention kind present (their rotary widths differ), plus the DSA indexer's
         # (v4 layers own theirs: sliding and compressed layers use different RoPE parameters)
         rope_dims = {kind: ATTENTION_CLASSES[kind].rope_dim(config) for kind in set(config.attention_types) - {"v4"}}
@@ -196,7 +238,7 @@ class SeekV4Model(SeekV4PreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                output_router_logits=None, **kwargs) -> SeekV4ModelOutput:
+                output_router_logits=None, output_mtp_hidden_states=False, **kwargs) -> SeekV4ModelOutput:
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
         if self.gradient_checkpointing and self.training:
@@ -221,15 +263,20 @@ class SeekV4Model(SeekV4PreTrainedModel):
             layer_kwargs["key_padding"] = attention_mask.bool()  # [B, T]: sparse kinds mask padding themselves
         if "v4" in self.config.attention_types:
             layer_kwargs["position_ids"] = position_ids  # v4 compressors pool windows of each sample's positions
+        engram_rows, engram_state, engram_ids = self._engram_prefetch(input_ids, attention_mask, past_key_values)
 
-        hidden = inputs_embeds
+        hidden = expand(inputs_embeds, self.config.hc_mult)  # residual streams [B, S, n, H]
         all_hidden, all_attn, all_router, aux_losses, indexer_losses, recalls = [], [], [], [], [], []
         for layer in self.layers:
             if output_hidden_states:
-                all_hidden.append(hidden)
+                all_hidden.append(hidden.squeeze(2))  # [B, S, H] for `plain`, the streams otherwise
+            engram_kwargs = {}
+            if layer.engram is not None:  # rows were requested up front; wait here, outside any checkpointing
+                engram_kwargs = dict(engram_rows=engram_rows[layer.layer_idx].wait(), engram_state=engram_state,
+                                     engram_mask=attention_mask)
             hidden, attn_aux, router_aux = layer(
                 hidden, position_embeddings=rope, attention_mask=mask, past_key_values=past_key_values,
-                input_ids=input_ids, **layer_kwargs,
+                input_ids=input_ids, **engram_kwargs, **layer_kwargs,
             )
             if output_attentions:
                 all_attn.append(attn_aux.weights)
@@ -242,7 +289,13 @@ class SeekV4Model(SeekV4PreTrainedModel):
                     all_router.append(router_aux.router_logits)
                 if router_aux.aux_loss is not None:
                     aux_losses.append(router_aux.aux_loss)
-        hidden = self.norm(hidden)
+        if engram_ids is not None:
+            EngramMemory.remember(past_key_values, engram_ids, engram_state)
+        mtp_hidden = None
+        if output_mtp_hidden_states and len(self.mtp):
+            mtp_kwargs = {k: v for k, v in layer_kwargs.items() if k != "output_attentions"}
+            mtp_hidden = self._mtp_forward(hidden, input_ids, rope, mask, mtp_kwargs)
+        hidden = self.norm(self.hc_head(hidden))
         if output_hidden_states:
             all_hidden.append(hidden)
         return SeekV4ModelOutput(
@@ -254,7 +307,41 @@ class SeekV4Model(SeekV4PreTrainedModel):
             aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
             indexer_loss=torch.stack(indexer_losses).mean() if indexer_losses else None,
             indexer_recall=torch.stack(recalls).mean() if recalls else None,
+            mtp_hidden_states=mtp_hidden,
         )
+
+    def _engram_prefetch(self, input_ids, attention_mask, past_key_values):
+        """Hash every Engram layer's rows for the whole forward and start fetching them (spec §6.5)."""
+        if self.engram is None:
+            return None, None, None
+        if input_ids is None:
+            raise ValueError("Engram layers look up token ids: call the model with `input_ids`, not only "
+                             "`inputs_embeds`.")
+        state = None
+        if past_key_values is not None:
+            state = engram_cache(past_key_values) or EngramCacheLayer()
+        ids_c = self.engram.compress(input_ids, attention_mask)
+        indices = self.engram.indices(ids_c, state.ids if state is not None else None)
+        device = self.embed_tokens.weight.device
+        rows = {i: self.layers[i].engram.table.prefetch(idx, device) for i, idx in indices.items()}
+        return rows, state, ids_c
+
+    def _mtp_forward(self, streams, input_ids, rope, mask, block_kwargs) -> tuple[torch.Tensor, ...]:
+        """Module k sees the embedding of token t+k (ids shifted left by k; the tail is padding whose
+        predictions the loss ignores)."""
+        if input_ids is None:
+            raise ValueError("MTP needs `input_ids` (it embeds the following tokens).")
+        outs = []
+        for k, module in enumerate(self.mtp, start=1):
+            next_ids = shift_left(input_ids, k, self.config.pad_token_id or 0)
+            streams, hidden = module(streams, self.embed_tokens(next_ids), next_ids, position_embeddings=rope,
+                                     attention_mask=mask, **block_kwargs)
+            outs.append(hidden)
+        return tuple(outs)
+
+    def step_engram_tables(self, lr: float) -> dict[int, torch.Tensor]:
+        """Row-wise update of every Engram table from the gradients since the last call; returns touched rows."""
+        return {layer.layer_idx: layer.engram.table.step(lr) for layer in self.layers if layer.engram is not None}
 
     def update_router_biases(self) -> dict[int, torch.Tensor]:
         """Apply the aux-loss-free bias update in every learned-router layer; returns per-layer expert loads."""
@@ -295,6 +382,9 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
     def update_router_biases(self):
         return self.model.update_router_biases()
 
+    def step_engram_tables(self, lr: float):
+        return self.model.step_engram_tables(lr)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, output_attentions=None,
                 output_hidden_states=None, output_router_logits=None, return_dict=None, **kwargs):
@@ -303,6 +393,7 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits,
+            output_mtp_hidden_states=labels is not None and self.config.num_nextn_predict_layers > 0,
         )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -310,14 +401,22 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
         else:
             hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden)
-        loss = lm_loss = None
+        loss = lm_loss = mtp_loss = None
+        if out.mtp_hidden_states is not None:
+            mtp_loss = torch.stack([
+                self.loss_function(logits=self.lm_head(h), labels=shift_left(labels, k, -100),
+                                   vocab_size=self.config.vocab_size, **kwargs)
+                for k, h in enumerate(out.mtp_hidden_states, start=1)
+            ]).mean()
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = lm_loss + out.aux_loss if out.aux_loss is not None else lm_loss
             if out.indexer_loss is not None:
                 loss = loss + self.config.indexer_loss_weight * out.indexer_loss
+            if mtp_loss is not None:
+                loss = loss + self.config.mtp_loss_weight * mtp_loss
         result = SeekV4CausalLMOutput(
-            loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, indexer_loss=out.indexer_loss,
+            loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, indexer_loss=out.indexer_loss, mtp_loss=mtp_loss,
             indexer_recall=out.indexer_recall, logits=logits, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
         )

@@ -15,6 +15,12 @@ def test_wheel_contents(tmp_path):
     for module in ("__init__.py", "cli.py", "convert.py", "configuration/configuration_seekv4.py",
                    "modeling/modeling_seekv4.py", "modeling/moe.py", "tokenization/__init__.py", "eval/__init__.py"):
         assert f"seekv4/{module}" in names
+    for data in ("eval/data/tasks.jsonl", "eval/data/sources.jsonl", "eval/data/manifest.json",
+                 "eval/metrics/edit_similarity/edit_similarity.py", "eval/metrics/code_exact_match/code_exact_match.py",
+                 "eval/metrics/needle_accuracy/needle_accuracy.py",
+                 "eval/metrics/bucket_perplexity/bucket_perplexity.py",
+                 "eval/lm_eval_tasks/seekv4_repo_nextline.yaml", "eval/lm_eval_tasks/utils.py"):
+        assert f"seekv4/{data}" in names, data
     assert "seekv4/setup.py" not in names
     assert not any(n.startswith(("seekv4/tests", "seekv4/bench", "tests/", "bench/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -1,0 +1,41 @@
+"""Multi-token prediction (DeepSeek-V3 §2.2; V4 `MTPBlock`, spec §4.11).
+
+Module k (k = 1..D) at position t predicts token t+1+k. Its input combines the previous depth's residual
+streams (the main model's final streams, before the head, for k = 1) with the embedding of token t+k:
+    X = W^h RMSNorm(H) (per stream) + W^e RMSNorm(Emb(x_{t+k})) (broadcast over streams)
+then one decoder block, its own residual head and final norm; the LM head and embedding are shared with
+the main model. Training follows the V3 shift convention (spec Q14).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .norm import RMSNorm
+from .residual import build_head
+
+
+class MTPModule(nn.Module):
+    def __init__(self, config, block: nn.Module):
+        super().__init__()
+        d = config.hidden_size
+        self.enorm = RMSNorm(d, eps=config.rms_norm_eps)
+        self.hnorm = RMSNorm(d, eps=config.rms_norm_eps)
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.block = block
+        self.hc_head = build_head(config)
+        self.norm = RMSNorm(d, eps=config.rms_norm_eps)
+
+    def forward(self, streams, next_embeds, next_ids, **block_kwargs):
+        """streams [B, S, n, H] (previous depth), next_embeds [B, S, H] = Emb(x_{t+k}), next_ids [B, S]
+        -> (streams of this depth [B, S, n, H], normed hidden [B, S, H] for the shared LM head)."""
+        x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds)).unsqueeze(2)
+        streams, _, _ = self.block(x, past_key_values=None, input_ids=next_ids, **block_kwargs)
+        return streams, self.norm(self.hc_head(streams))
+
+
+def shift_left(x: torch.Tensor, k: int, fill) -> torch.Tensor:
+    """[B, S, ...] -> x[:, k:] padded at the end with `fill` back to length S."""
+    pad = torch.full_like(x[:, :k], fill)
+    return torch.cat([x[:, k:], pad], dim=1)

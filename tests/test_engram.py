@@ -1,0 +1,193 @@
+"""Engram: golden hashes, compression map, decode/cache consistency, sparse training, storage, errors."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from seekv4 import SeekV4Config, SeekV4ForCausalLM
+from seekv4.modeling.engram import NgramHasher, _is_prime
+from seekv4.tokenization.engram_map import build_engram_map
+
+ENGRAM = dict(engram_layer_ids=[1, 2], engram_vocab_size=[10, 20], engram_n_heads=2, engram_head_dim=8)
+
+
+def cfg(**kw):
+    return SeekV4Config.from_preset("tiny", **{**ENGRAM, "residual_kind": "mhc", **kw})
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    return SeekV4ForCausalLM(cfg(**kw)).eval()
+
+
+def ids(batch=2, length=16, seed=1):
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# multipliers of layer 1 for seed 0, vocab 256: numpy.default_rng(0 + 10007·1).integers(0, (2^63-1)//256//2, 3)·2+1
+GOLDEN_R1 = [29662608052400909, 1873410163432121, 13919202536988139]
+
+
+def test_hash_golden_values_by_hand():
+    h = NgramHasher(cfg())
+    assert h.multipliers[1] == GOLDEN_R1
+    # distinct primes, searched upwards from each order's base size, never reused across heads/orders/layers
+    assert h.primes == {1: [[11, 13], [23, 29]], 2: [[17, 19], [31, 37]]}
+    # hand computation with Python integers: ids (5, 7, 9) after two pad (0) columns
+    r = GOLDEN_R1
+    seq, expect = [0, 0, 5, 7, 9], []
+    for t in range(2, 5):
+        m2 = (seq[t] * r[0]) ^ (seq[t - 1] * r[1])
+        m3 = m2 ^ (seq[t - 2] * r[2])
+        expect.append([m2 % 11, m2 % 13 + 11, m3 % 23 + 24, m3 % 29 + 47])
+    assert expect == [[4, 16, 43, 51], [8, 14, 37, 59], [8, 21, 43, 70]]  # frozen golden values
+    got = h.hash(torch.tensor([seq]), 1)
+    assert got[0].tolist() == expect
+
+
+def test_hash_deterministic_across_processes():
+    code = ("import torch; from seekv4 import SeekV4Config; from seekv4.modeling.engram import NgramHasher;"
+            "c = SeekV4Config.from_preset('tiny', engram_layer_ids=[1, 3], engram_vocab_size=1000, engram_seed=7);"
+            "h = NgramHasher(c); x = torch.arange(40).view(2, 20) * 6 % 256;"
+            "print(h.multipliers, h.primes, h.hash(x, 3).sum().item(), h.hash(x, 1)[1, -1].tolist())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    c = SeekV4Config.from_preset('tiny', engram_layer_ids=[1, 3], engram_vocab_size=1000, engram_seed=7)
+    h, x = NgramHasher(c), torch.arange(40).view(2, 20) * 6 % 256
+    assert other.strip() == f"{h.multipliers} {h.primes} {h.hash(x, 3).sum().item()} {h.hash(x, 1)[1, -1].tolist()}"
+    primes = NgramHasher(SeekV4Config.from_preset("tiny", engram_layer_ids=[1, 3], engram_vocab_size=1000)).primes
+    flat = [p for layer in primes.values() for order in layer for p in order]
+    assert len(set(flat)) == len(flat) and all(_is_prime(p) and p >= 1000 for p in flat)
+
+
+def test_compression_map_normalisation():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<pad>", "Hello", "hello", "HÉLLO", " hello", " ", "\t", "  ", "Cafe", "café", "x"]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)},
+                                                                              unk_token="<pad>")))
+    mapping, size = build_engram_map(tok, vocab_size=13)
+    m = mapping.tolist()
+    assert m[1] == m[2] == m[3] == m[4]  # case, accents, surrounding whitespace
+    assert m[5] == m[6] == m[7] and m[5] != m[1]  # whitespace-only tokens collapse to one space, kept
+    assert m[8] == m[9] and m[10] not in (m[1], m[5], m[8])
+    assert m[11] != m[12] and size == len(set(m)) == 7  # ids beyond the tokenizer stay distinct
+    model = make()
+    model.model.engram.set_token_map(torch.arange(256) % 200)
+    with pytest.raises(ValueError, match="build_engram_map"):
+        model.model.engram.set_token_map(mapping)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(engram_kernel_size=0, residual_kind="plain")])
+def test_incremental_decode_matches_full_forward(kw):
+    model, x = make(**kw), ids(length=20)
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(x[:, :7], past_key_values=cache).logits, model(x[:, 7:9], past_key_values=cache).logits]
+        steps += [model(x[:, t:t + 1], past_key_values=cache).logits for t in range(9, 20)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+
+
+def test_engram_changes_output():
+    model, x = make(), ids()
+    with torch.no_grad():
+        a = model(x).logits
+        model.model.layers[1].engram.table.weight.mul_(3)
+        assert (model(x).logits - a).abs().max() > 1e-4
+
+
+def test_left_padding_beam_search_and_cache_ops():
+    model = make(pad_token_id=0)
+    a, b = ids(1, 14, seed=2)[0], ids(1, 9, seed=3)[0]
+    batch, mask = torch.zeros(2, 14, dtype=torch.long), torch.zeros(2, 14, dtype=torch.long)
+    batch[0], mask[0] = a, 1
+    batch[1, 5:], mask[1, 5:] = b, 1
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=mask, **kw)
+    assert torch.equal(together[0, 14:], model.generate(a[None], **kw)[0, 14:])
+    assert torch.equal(together[1, 14:], model.generate(b[None], **kw)[0, 9:])
+    beams = dict(kw, num_beams=3, num_return_sequences=2)
+    with_cache = model.generate(batch, attention_mask=mask, **beams)
+    assert torch.equal(with_cache, model.generate(batch, attention_mask=mask, use_cache=False, **beams))
+    # crop / batch_select keep the Engram history consistent with the attention cache
+    x = ids(2, 12)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(x, past_key_values=cache)
+        cache.crop(-4)
+        cache.batch_select_indices(torch.tensor([1]))
+        step = model(x[1:, 8:9], past_key_values=cache).logits
+        full = model(x[1:, :9], use_cache=False).logits[:, -1:]
+    assert (step - full).abs().max().item() <= 1e-5
+
+
+def test_gradients_and_only_touched_rows_change():
+    model = make()
+    model.train()
+    x = ids(2, 10)
+    out = model(x, labels=x)
+    out.loss.backward()
+    eng = model.model.layers[1].engram
+    for p in (eng.wkv.weight, eng.q_norm, eng.k_norm, eng.conv.weight, eng.conv_norm):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert eng.table.weight.grad is None and eng.table.has_grad()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    before = {i: model.model.layers[i].engram.table.weight.clone() for i in (1, 2)}
+    opt.step()
+    for i in (1, 2):  # the dense optimizer never touches the table
+        assert torch.equal(model.model.layers[i].engram.table.weight, before[i])
+    touched = model.step_engram_tables(lr=1e-2)
+    with torch.no_grad():
+        idx = model.model.engram.indices(model.model.engram.compress(x, None), None)
+    for i in (1, 2):
+        rows = torch.unique(idx[i])
+        assert torch.equal(touched[i], rows)
+        changed = (model.model.layers[i].engram.table.weight != before[i]).any(-1).nonzero().flatten()
+        assert set(changed.tolist()) <= set(rows.tolist()) and len(changed) > 0.9 * len(rows)
+    assert not model.model.layers[1].engram.table.has_grad()
+
+
+@pytest.mark.parametrize("storage", ["device", "host", "disk"])
+def test_storage_save_load_roundtrip(tmp_path, storage):
+    kw = dict(engram_storage=storage, engram_table_dir=str(tmp_path / "tables") if storage == "disk" else None)
+    model = make(**kw)
+    model.model.engram.set_token_map(torch.arange(256) % 97)
+    model.save_pretrained(tmp_path / "ckpt")
+    x = ids()
+    load_kw = dict(engram_table_dir=str(tmp_path / "tables2")) if storage == "disk" else {}
+    loaded = SeekV4ForCausalLM.from_pretrained(tmp_path / "ckpt", **load_kw).eval()
+    assert torch.equal(loaded.model.engram.token_map, model.model.engram.token_map)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
+    table = loaded.model.layers[1].engram.table
+    assert table.storage == storage and not table.weight.requires_grad
+    if storage == "disk":
+        assert (tmp_path / "tables2" / "engram_layer1.bin").stat().st_size == table.weight.numel() * 4
+        weight = table.weight
+        assert weight.untyped_storage().filename == str(tmp_path / "tables2" / "engram_layer1.bin")
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(engram_layer_ids=[4]), "engram_layer_ids"),
+    (dict(engram_layer_ids=[-1]), "engram_layer_ids"),
+    (dict(engram_layer_ids=[1, 1]), "engram_layer_ids"),
+    (dict(engram_max_ngram_size=1), "engram_max_ngram_size"),
+    (dict(engram_vocab_size=[10, 0]), "engram_vocab_size"),
+    (dict(engram_vocab_size=-5), "engram_vocab_size"),
+    (dict(engram_vocab_size=[10]), "engram_vocab_size"),
+    (dict(engram_storage="ssd"), "engram_storage"),
+    (dict(engram_storage="disk"), "engram_table_dir"),
+    (dict(pad_token_id=None), "engram_pad_id"),
+])
+def test_bad_engram_config_names_field(kw, field):
+    with pytest.raises(ValueError, match=f"SeekV4Config.{field}="):
+        SeekV4Config.from_preset("tiny", **{**ENGRAM, **kw})
+
+
+def test_inputs_embeds_only_is_an_error():
+    model = make()
+    with pytest.raises(ValueError, match="Engram layers look up token ids"):
+        model(inputs_embeds=torch.randn(1, 4, 64))
