@@ -10,6 +10,11 @@ Key set of the query at position t:
   `csa`: the window + the `index_topk` entries (m = 4, overlapping windows) a lightning indexer picks.
 Attention runs on those keys only (gather kernel, queries in chunks): memory O(S·(window + k)).
 Compressed layers use their own RoPE (`compress_rope_parameters`, θ = 160000 + YaRN at full size).
+
+CSA indexer training (spec Q1: V4's objective is not published): the V3.2 sparse-stage recipe carried over to
+compressed entries. While training with `indexer_loss_weight > 0`, KL(p || softmax(I)) over the selected
+entries, p = the main attention's mass on each selected entry summed over heads and L1-normalised; the
+indexer's inputs are detached so it learns only from this loss. Unverified against DeepSeek's recipe.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from transformers.cache_utils import DynamicLayer
 
 from .attention_common import AttentionAux
 from .compressor import Compressor, CompressorState
-from .indexer import deterministic_topk
+from .dsa import kl_to_indexer
+from .indexer import LightningIndexer, deterministic_topk
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rope_tail
 from .sparse_attention import query_chunk, sparse_attention
@@ -182,10 +188,12 @@ class V4Attention(nn.Module):
             states = self._states(past_key_values, b, hidden_states.dtype, hidden_states.device)
             entries = self.compressor(hidden_states, position_ids, real, states["kv"], self.rotary).entries
             keys = torch.cat((window_kv, entries), dim=1)
-            if self.indexer is not None:
-                index_keys = self.indexer.compressor(hidden_states, position_ids, real, states["index"],
+            if self.indexer is not None:  # detached: the indexer learns only from its own loss
+                index_keys = self.indexer.compressor(hidden_states.detach(), position_ids, real, states["index"],
                                                      self.rotary).entries
-                iq, iw = self.indexer.queries(hidden_states, q_latent, cos, sin)
+                iq, iw = self.indexer.queries(hidden_states.detach(), q_latent.detach(), cos, sin)
+        wants_loss = self.indexer is not None and self.training and self.config.indexer_loss_weight > 0
+        kl_sum, kl_count = 0.0, 0
 
         out = []
         step = query_chunk(s, 4 * (self.window + (entries.shape[1] if entries is not None else 0)) * 4)
@@ -204,12 +212,21 @@ class V4Attention(nn.Module):
                 else:
                     chosen = V4Indexer.select(iq[:, rows], iw[:, rows], index_keys, visible, self.indexer.topk)
                 idx = torch.cat((idx, torch.where(chosen >= 0, chosen + n_window, -1)), dim=-1)
-            o, _ = sparse_attention([q[:, rows, None]], [keys], 0, idx, self.scaling, sink=self.sinks)
+            o, probs = sparse_attention([q[:, rows, None]], [keys], 0, idx, self.scaling, sink=self.sinks,
+                                        return_probs=wants_loss)
             out.append(o[:, :, 0])  # [B, Lc, H, D]
+            if wants_loss:
+                target = probs[:, :, 0, :, self.window:].detach().sum(2)  # mass on the chosen entries [B, Lc, k]
+                logits = LightningIndexer.score_selected(iq[:, rows], iw[:, rows], index_keys, chosen)
+                has_entries = real[:, rows] & (chosen >= 0).any(-1)
+                count = int(has_entries.sum())
+                if count:
+                    kl_sum = kl_sum + kl_to_indexer(target, logits, chosen >= 0, has_entries.float()) * count
+                    kl_count += count
         out = torch.cat(out, dim=1)
         # values carry RoPE (K = V): rotating the output back by -t leaves relative positions only
         out = apply_rope_tail(out.transpose(1, 2), cos, -sin).transpose(1, 2)
         grouped = out.reshape(b, s, self.o_groups, -1)  # [B, S, G, H·D/G]
         w_a = self.o_a_proj.weight.view(self.o_groups, self.o_lora_rank, -1)
         low = torch.einsum("bsgi,gri->bsgr", grouped, w_a).flatten(2)
-        return self.o_b_proj(low), AttentionAux()
+        return self.o_b_proj(low), AttentionAux(indexer_loss=kl_sum / kl_count if kl_count else None)

@@ -178,3 +178,30 @@ def test_beam_search_reorders_compressor_state():
 def test_invalid_v4_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"SeekV4Config\.{field}.*invalid"):
         config(**overrides)
+
+
+def test_csa_indexer_learns_only_from_its_kl():
+    """V3.2's sparse-stage recipe on compressed entries (spec Q1): LM loss gives the indexer no gradient; its KL
+    reaches every indexer parameter and nothing else; a few steps on the KL alone lower it."""
+    model = make().train()
+    ids = ids_of(48)
+    out = model(ids, labels=ids)
+    assert out.indexer_loss is not None and out.indexer_loss > 0
+    names = [n for n, _ in model.named_parameters() if ".indexer." in n]
+    assert len(names) == 2 * 6  # two CSA layers x (q_b_proj, weights_proj, compressor.{kv,gate}_proj, bias, norm)
+    model.zero_grad()
+    out.lm_loss.backward(retain_graph=True)
+    params = dict(model.named_parameters())
+    assert all(params[n].grad is None or params[n].grad.abs().sum() == 0 for n in names)
+    model.zero_grad()
+    out.indexer_loss.backward()
+    assert all(params[n].grad is not None and params[n].grad.abs().sum() > 0 for n in names)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in params.items() if n not in names)
+    opt = torch.optim.Adam([params[n] for n in names], lr=3e-2)
+    first = out.indexer_loss.item()
+    for _ in range(15):
+        opt.zero_grad()
+        loss = model(ids, labels=ids).indexer_loss
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first
