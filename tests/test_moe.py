@@ -146,3 +146,20 @@ def test_hash_moe_routes_by_token_id():
     assert torch.equal(indices, moe.gate.tid2eid[ids[0]])
     with pytest.raises(ValueError, match="input_ids"):
         moe.gate(x, None, (1, 3))
+
+
+def test_shared_expert_is_clamped_like_the_routed_ones():
+    """Spec Q3: the official V4 clamps the shared expert's SwiGLU too (the transformers port does not; SGLang
+    traced garbage tokens to that omission). We follow the reference; checked against a float64 recomputation."""
+    moe = make_moe(swiglu_limit=0.5)
+    with torch.no_grad():
+        for p in moe.shared_experts.parameters():
+            p.normal_(0, 1.0)  # activations well beyond the limit
+    x = torch.randn(6, 32, dtype=torch.float64)
+    shared = moe.shared_experts.double()
+    gate, up = x @ shared.gate_proj.weight.T, x @ shared.up_proj.weight.T
+    assert gate.abs().max() > 0.5 and up.abs().max() > 0.5
+    ref = (torch.nn.functional.silu(gate.clamp(max=0.5)) * up.clamp(-0.5, 0.5)) @ shared.down_proj.weight.T
+    unclamped = (torch.nn.functional.silu(gate) * up) @ shared.down_proj.weight.T
+    out = shared(x)[0]
+    assert torch.allclose(out, ref, atol=1e-12) and not torch.allclose(out, unclamped, atol=1e-3)
