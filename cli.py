@@ -56,7 +56,7 @@ def cmd_info(args) -> int:
           f"{counts['active_per_token']:,} ({_human(counts['active_per_token'])})")
     print(f"KV cache per token: {sum(kv):,} elements = {2 * sum(kv):,} bytes in bf16 "
           f"({4 * sum(kv):,} in float32)")
-    if config.kv_cache_dtype == "fp8_e4m3":
+    if config.kv_cache_dtype == "fp8_e4m3" and "mla" in config.attention_types:
         from .modeling.fp8 import fp8_relative_error, packed_bytes
 
         block = config.kv_cache_fp8_block

@@ -74,7 +74,9 @@ class SeekV4Config(PreTrainedConfig):
     v_head_dim: int = 64
     rope_interleave: bool = True
     # "fp8_e4m3": the mla latent is stored (and, so cached and uncached runs agree, always used) in fp8 with one
-    # power-of-two float32 scale per `kv_cache_fp8_block` values; the RoPE key stays in the model dtype
+    # power-of-two float32 scale per `kv_cache_fp8_block` values; the RoPE key stays in the model dtype.
+    # For v4 attention the non-RoPE dims of the window K=V and of compressed entries are FP8-rounded the same way
+    # (the official V4 demo's simulation, block 64; spec Q16), while the cache itself stays in the model dtype.
     # (FlashMLA's V3.2 layout: 656 B/token/layer at full size in bf16)
     kv_cache_dtype: str = "auto"
     kv_cache_fp8_block: int = 128
@@ -223,11 +225,15 @@ class SeekV4Config(PreTrainedConfig):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             _fail("kv_cache_dtype", self.kv_cache_dtype, f"allowed: {list(KV_CACHE_DTYPES)}")
         if self.kv_cache_dtype == "fp8_e4m3":
-            if set(self.attention_types) != {"mla"}:
-                _fail("kv_cache_dtype", self.kv_cache_dtype, "fp8 cache storage is implemented for 'mla' attention only")
+            if "gqa" in self.attention_types:
+                _fail("kv_cache_dtype", self.kv_cache_dtype, "fp8 caches exist for 'mla' and 'v4' attention only")
             block = self.kv_cache_fp8_block
-            if not isinstance(block, int) or block <= 0 or self.kv_lora_rank % block:
-                _fail("kv_cache_fp8_block", block, f"expected a positive divisor of kv_lora_rank={self.kv_lora_rank}")
+            widths = {"mla": ("kv_lora_rank", self.kv_lora_rank),
+                      "v4": ("head_dim - qk_rope_head_dim", self.head_dim - self.qk_rope_head_dim)}
+            for kind in set(self.attention_types):
+                name, width = widths[kind]
+                if not isinstance(block, int) or block <= 0 or width % block:
+                    _fail("kv_cache_fp8_block", block, f"expected a positive divisor of {name}={width}")
         if any(k in ("moe", "hash_moe") for k in self.ffn_types):
             self._check_moe()
         self._check_residual()

@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicLayer
 from .attention_common import AttentionAux
 from .compressor import Compressor, CompressorState
 from .dsa import kl_to_indexer
+from .fp8 import fp8_round_head
 from .indexer import LightningIndexer, deterministic_topk
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rope_tail
@@ -145,8 +146,9 @@ class V4Attention(nn.Module):
         rope = config.compress_rope_parameters if compressed else config.rope_parameters
         self.rotary = RotaryEmbedding(rope, config.qk_rope_head_dim)
         self.ratio = {"csa": config.csa_compress_ratio, "hca": config.hca_compress_ratio}.get(self.sparsity)
-        self.compressor = (Compressor(h, self.head_dim, self.ratio, overlap=self.sparsity == "csa", eps=eps)
-                           if compressed else None)
+        self.fp8_block = config.kv_cache_fp8_block if config.kv_cache_dtype == "fp8_e4m3" else None
+        self.compressor = (Compressor(h, self.head_dim, self.ratio, overlap=self.sparsity == "csa", eps=eps,
+                                      fp8_block=self.fp8_block) if compressed else None)
         self.indexer = V4Indexer(config) if self.sparsity == "csa" else None
 
     @staticmethod
@@ -175,6 +177,7 @@ class V4Attention(nn.Module):
         q = q * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps).to(q.dtype)
         q = apply_rope_tail(q.transpose(1, 2), cos, sin).transpose(1, 2)  # [B, S, H, D]
         kv = apply_rope_tail(self.kv_norm(self.kv_proj(hidden_states))[:, None], cos, sin)  # [B, 1, S, D]
+        kv = fp8_round_head(kv, 2 * cos.shape[-1], self.fp8_block)
         if past_key_values is not None:
             kv, _ = past_key_values.update(kv, kv, self.layer_idx)
         window_kv = kv[:, 0]  # [B, P + S, D]: up to window-1 past rows, then the new ones

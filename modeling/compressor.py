@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .norm import RMSNorm
+from .fp8 import fp8_round_head
 from .rope import apply_rope_tail
 
 
@@ -38,9 +39,11 @@ class CompressorState:
 
 
 class Compressor(nn.Module):
-    def __init__(self, hidden_size: int, dim: int, ratio: int, overlap: bool, eps: float):
+    def __init__(self, hidden_size: int, dim: int, ratio: int, overlap: bool, eps: float,
+                 fp8_block: int | None = None):
         super().__init__()
         self.dim, self.ratio, self.overlap = dim, ratio, overlap
+        self.fp8_block = fp8_block  # FP8-round the non-RoPE dims of each entry (V4 demo's cache simulation)
         coff = 2 if overlap else 1
         self.kv_proj = nn.Linear(hidden_size, coff * dim, bias=False)
         self.gate_proj = nn.Linear(hidden_size, coff * dim, bias=False)
@@ -111,4 +114,5 @@ class Compressor(nn.Module):
             if pooled.shape[0]:
                 index = torch.arange(first, first + pooled.shape[0], device=pooled.device)
                 cos, sin = rotary(index[None] * self.ratio, pooled.dtype)
-                state.entries[i, index] = apply_rope_tail(self.kv_norm(pooled)[None, None], cos, sin)[0, 0]
+                entries = apply_rope_tail(self.kv_norm(pooled)[None, None], cos, sin)[0, 0]
+                state.entries[i, index] = fp8_round_head(entries, 2 * cos.shape[-1], self.fp8_block)

@@ -37,6 +37,14 @@ def packed_bytes(dim: int, block: int) -> int:
     return dim + 4 * dim // block
 
 
+def fp8_round_head(x: torch.Tensor, rope_dim: int, block: int | None) -> torch.Tensor:
+    """FP8 round trip of the leading (non-RoPE) dims of x [..., D]; the last `rope_dim` dims stay exact."""
+    if block is None:
+        return x
+    nope, rope = x.split([x.shape[-1] - rope_dim, rope_dim], dim=-1)
+    return torch.cat((dequantize_fp8(*quantize_fp8(nope, block), x.dtype), rope), dim=-1)
+
+
 def fp8_relative_error(dim: int, block: int, samples: int = 4096, seed: int = 0) -> float:
     """Relative RMS error of the round trip on unit-RMS Gaussian rows (what RMS-normalised latents look like)."""
     x = torch.randn(samples, dim, generator=torch.Generator().manual_seed(seed))

@@ -65,5 +65,5 @@ def test_invalid_fp8_settings(overrides, field):
 
 
 def test_fp8_cache_rejected_for_gqa():
-    with pytest.raises(ValueError, match="mla' attention only"):
+    with pytest.raises(ValueError, match="'mla' and 'v4' attention only"):
         SeekV4Config.from_preset("tiny-gqa", kv_cache_dtype="fp8_e4m3")

@@ -205,3 +205,47 @@ def test_csa_indexer_learns_only_from_its_kl():
         loss.backward()
         opt.step()
     assert loss.item() < 0.7 * first
+
+
+def test_fp8_simulation_of_window_and_compressed_entries_matches_float64_reference():
+    """kv_cache_dtype="fp8_e4m3" on v4: the non-RoPE dims of window K=V and of compressed entries are rounded to
+    e4m3 with power-of-two scales per block (the official demo's simulation, spec §4.4/§4.6, Q16)."""
+    model = make(kv_cache_dtype="fp8_e4m3", kv_cache_fp8_block=8)
+    plain = make()
+    x = torch.randn(1, 37, 64)
+    for layer in (0, 2):  # sliding, hca
+        attn, ref_attn = model.model.layers[layer].self_attn, plain.model.layers[layer].self_attn
+        ref_attn.load_state_dict(attn.state_dict())
+        def round_trip(t, rope_dim, block):  # independent: torch's e4m3 cast with power-of-two scales
+            nope, rope = t[..., :-rope_dim], t[..., -rope_dim:]
+            blocks = nope.unflatten(-1, (-1, block))
+            scale = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448)))
+            q = (blocks / scale).to(torch.float32).to(torch.float8_e4m3fn).to(torch.float64) * scale
+            return torch.cat((q.flatten(-2), rope), dim=-1)
+
+        with torch.no_grad():
+            ours = attn(x, {}, None)[0][0].double()
+            plain_out = ref_attn(x, {}, None)[0][0].double()
+        assert (ours - plain_out).abs().max() > 1e-4  # the rounding is really applied
+        import seekv4.modeling.attention_v4 as v4mod
+        import seekv4.modeling.compressor as compmod
+
+        original = v4mod.fp8_round_head
+        fake = lambda t, rope_dim, block: t if block is None else round_trip(t.double(), rope_dim, block).to(t.dtype)
+        v4mod.fp8_round_head, compmod.fp8_round_head = fake, fake
+        try:
+            with torch.no_grad():
+                expected = attn(x, {}, None)[0][0].double()
+        finally:
+            v4mod.fp8_round_head = compmod.fp8_round_head = original
+        assert (ours - expected).abs().max() < 1e-5
+
+
+def test_fp8_v4_cache_decoding_matches_full_forward():
+    model, ids = make(kv_cache_dtype="fp8_e4m3", kv_cache_fp8_block=8), ids_of(41)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :30], past_key_values=cache).logits]
+        steps += [model(ids[:, t: t + 1], past_key_values=cache).logits for t in range(30, 41)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
