@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from .modeling.engram_table import EngramTable
+
 
 class EngramTableCallback(TrainerCallback):
     """After every optimizer step, apply the row-wise sparse update to the Engram tables (their rows are not
@@ -17,3 +19,8 @@ class EngramTableCallback(TrainerCallback):
         lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
         model = getattr(model, "module", model)  # DDP wrapper
         model.step_engram_tables(lr * self.lr_scale)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        for module in getattr(model, "module", model).modules():
+            if isinstance(module, EngramTable):
+                module.flush()  # disk tables: write the buffered rows to the file

@@ -1,27 +1,34 @@
-"""Engram table offload: forward+backward(+row-wise table update) step time with a >= 4 GiB Engram table
-memory-mapped from disk vs the same table in RAM.
+"""Engram table offload: training-step time (forward + backward + row-wise table update) with a >= 4 GiB Engram
+table memory-mapped from disk vs the same table in RAM.
 
-    python bench/engram_offload.py [--gib 4.2] [--steps 12]
+    python bench/engram_offload.py [--gib 4.2] [--steps 16] [--buffer-mib 256]
 
-The backbone is small (the table is larger than every other parameter combined). Both models share the
-backbone weights; steps alternate RAM / disk so CPU contention hits both alike; the median is reported.
-Two regimes for the mapped file: resident in the page cache (a table that fits in free RAM), and after
-evicting it (posix_fadvise DONTNEED), so every touched row is a random 4 KiB read from the disk (a table
-larger than RAM).
-The table file lives in a temporary directory that is deleted at the end.
+The backbone is small (the table is larger than every other parameter combined); both models share its
+weights. RAM and disk steps alternate (ABBA order, so neither always runs second) on the same batches, so CPU
+contention from other jobs hits both alike; the script reports per-phase medians, the ratio of median steps
+and the median of the per-pair ratios. The disk table's write-back buffer is flushed when full (counted in
+the step that triggers it) and once at the end of each regime; that final flush is timed and amortised over
+the steps whose updates it wrote (the fsync after it, i.e. the writeback, is reported apart: during training
+kernel threads do it in the background). Two regimes for the mapped file: resident in the page cache (a table that
+fits in free RAM), and after evicting it (posix_fadvise DONTNEED), so every row read is a random 4 KiB read
+from the disk (a table larger than RAM). The table file lives in a temporary directory deleted at the end.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
 
 from seekv4 import SeekV4Config, SeekV4ForCausalLM
+
+PHASES = ("forward", "backward", "update", "step")
 
 
 def config(gib: float, **kw):
@@ -33,68 +40,88 @@ def config(gib: float, **kw):
         engram_head_dim=dim, engram_vocab_size=base, engram_kernel_size=0, **kw)
 
 
-UPDATE = True
-
-
-def step(model, ids):
-    start = time.perf_counter()
+def step(model, ids) -> dict[str, float]:
+    t0 = time.perf_counter()
     out = model(ids, labels=ids, use_cache=False)
+    t1 = time.perf_counter()
     out.loss.backward()
-    if UPDATE:
-        model.step_engram_tables(1e-3)
-    else:
-        model.model.layers[1].engram.table.zero_grad()
+    t2 = time.perf_counter()
+    model.step_engram_tables(1e-3)
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    t3 = time.perf_counter()
+    return dict(forward=t1 - t0, backward=t2 - t1, update=t3 - t2, step=t3 - t0)
+
+
+def run_regime(ram, disk, batches) -> tuple[list, list, float, float]:
+    """ABBA-interleaved steps; returns per-step phase times of both, the timed final flush and the fsync of the
+    file after it (s: the writeback that kernel threads do in the background during training)."""
+    t_ram, t_disk = [], []
+    for i, ids in enumerate(batches):
+        if i % 2 == 0:
+            t_ram.append(step(ram, ids)), t_disk.append(step(disk, ids))
+        else:
+            t_disk.append(step(disk, ids)), t_ram.append(step(ram, ids))
+    table = disk.model.layers[1].engram.table
+    start = time.perf_counter()
+    table.flush()
+    flushed = time.perf_counter()
+    fd = os.open(table.path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    return t_ram, t_disk, flushed - start, time.perf_counter() - flushed
+
+
+def report(name: str, t_ram, t_disk, flush_s: float, fsync_s: float):
+    med = {who: {p: statistics.median(t[p] for t in ts) for p in PHASES} for who, ts in (("ram", t_ram), ("disk", t_disk))}
+    per_step_flush = flush_s / len(t_disk)
+    pair = statistics.median(d["step"] / r["step"] for r, d in zip(t_ram, t_disk))
+    pair_flush = statistics.median((d["step"] + per_step_flush) / r["step"] for r, d in zip(t_ram, t_disk))
+    print(f"\n{name}: {len(t_ram)} step pairs; final flush {flush_s:.3f} s (= {1000 * per_step_flush:.0f} ms per step), "
+          f"then fsync {fsync_s:.3f} s")
+    print("| table | forward (s) | backward (s) | update (s) | step, median (s) | min (s) |")
+    print("|---|---|---|---|---|---|")
+    for who, ts in (("RAM", t_ram), ("disk", t_disk)):
+        m = med[who.lower()]
+        print(f"| {who} | {m['forward']:.3f} | {m['backward']:.3f} | {m['update']:.3f} | {m['step']:.3f} | "
+              f"{min(t['step'] for t in ts):.3f} |")
+    print(f"disk / RAM: ratio of median steps {100 * (med['disk']['step'] / med['ram']['step'] - 1):+.1f}%; "
+          f"median of pair ratios {100 * (pair - 1):+.1f}%, with the amortised flush {100 * (pair_flush - 1):+.1f}%")
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--gib", type=float, default=4.2)
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=16, help="step pairs per regime")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--no-update", action="store_true", help="time forward + backward only (no table write)")
+    p.add_argument("--buffer-mib", type=int, default=256, help="disk table write-back buffer (engram_write_buffer_mib)")
     a = p.parse_args()
-    global UPDATE
-    UPDATE = not a.no_update
     torch.manual_seed(0)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # killed: still remove the 4 GiB file (finally below)
     tmp = tempfile.mkdtemp(prefix="seekv4_engram_")
     try:
         ram = SeekV4ForCausalLM(config(a.gib)).train()
-        disk = SeekV4ForCausalLM(config(a.gib, engram_storage="disk", engram_table_dir=tmp)).train()
+        disk = SeekV4ForCausalLM(config(a.gib, engram_storage="disk", engram_table_dir=tmp,
+                                        engram_write_buffer_mib=a.buffer_mib)).train()
         disk.load_state_dict(ram.state_dict())  # same weights; the table copy goes into the mapped file
         table = disk.model.layers[1].engram.table
-        path = table.path
         table_bytes = table.weight.numel() * 4
         other = sum(p.numel() * 4 for n, p in ram.named_parameters() if "engram.table" not in n)
-        print(f"table: {table.num_rows:,} rows x {table.dim} fp32 = {table_bytes / 2**30:.2f} GiB "
-              f"(file {os.path.getsize(path) / 2**30:.2f} GiB); all other parameters: {other / 2**20:.1f} MiB")
-        print(f"step = forward + backward{' + row-wise table update' if UPDATE else ''}; batch {a.batch} x seq {a.seq}")
+        print(f"table: {table.num_rows:,} rows x {table.dim} fp32 = {table_bytes / 2**30:.2f} GiB (file "
+              f"{os.path.getsize(table.path) / 2**30:.2f} GiB); all other parameters: {other / 2**20:.1f} MiB; "
+              f"write buffer {table._capacity:,} rows")
+        print(f"step = forward + backward + row-wise Adagrad update of the touched rows; batch {a.batch} x seq {a.seq}")
         gen = torch.Generator().manual_seed(1)
-        batches = [torch.randint(3, 4096, (a.batch, a.seq), generator=gen) for _ in range(a.steps + 2)]
+        batches = [torch.randint(3, 4096, (a.batch, a.seq), generator=gen) for _ in range(2 * a.steps + 1)]
         step(ram, batches[0]), step(disk, batches[0])  # warm-up
-        t_ram, t_disk = [], []
-        for ids in batches[1:]:  # the mapped file is in the page cache (written by the load above)
-            t_ram.append(step(ram, ids))
-            t_disk.append(step(disk, ids))
+        table.flush()
+        # the mapped file is in the page cache (written by the load above)
+        report("file in page cache", *run_regime(ram, disk, batches[1:a.steps + 1]))
         os.sync()
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(table.path, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # evict: rows now come from the disk itself
         os.close(fd)
-        c_ram, c_disk = [], []
-        for ids in batches[1:]:
-            c_ram.append(step(ram, ids))
-            c_disk.append(step(disk, ids))
-        m_ram, m_disk = statistics.median(t_ram), statistics.median(t_disk)
-        print("| table storage | median step (s) | min (s) | overhead vs RAM (median) |")
-        print("|---|---|---|---|")
-        print(f"| RAM (device=cpu) | {m_ram:.3f} | {min(t_ram):.3f} | - |")
-        print(f"| disk, memory-mapped, file in page cache | {m_disk:.3f} | {min(t_disk):.3f} | "
-              f"{100 * (m_disk / m_ram - 1):+.1f}% |")
-        cm_ram, cm_disk = statistics.median(c_ram), statistics.median(c_disk)
-        print(f"| disk, memory-mapped, evicted (reads hit the disk) | {cm_disk:.3f} | {min(c_disk):.3f} | "
-              f"{100 * (cm_disk / cm_ram - 1):+.1f}% (RAM median in that phase {cm_ram:.3f}) |")
+        report("file evicted (reads hit the disk)", *run_regime(ram, disk, batches[a.steps + 1:]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"removed {tmp}")

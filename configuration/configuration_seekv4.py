@@ -130,6 +130,7 @@ class SeekV4Config(PreTrainedConfig):
     engram_compressed_vocab_size: int | None = None  # size of the compressed vocabulary (bounds the multipliers); None -> vocab_size
     engram_storage: str = "device"  # tables in `device` memory, in `host` memory, or memory-mapped from `disk`
     engram_table_dir: str | None = None  # `disk`: directory holding the table files
+    engram_write_buffer_mib: int = 256  # `disk`: RAM buffer of updated rows, flushed to the file when full
     # ---- multi-token prediction (modeling/mtp.py)
     num_nextn_predict_layers: int = 0  # MTP modules; module k predicts token t+1+k
     mtp_loss_weight: float = 0.3  # loss += weight · mean over modules of their LM losses
@@ -292,6 +293,10 @@ class SeekV4Config(PreTrainedConfig):
             _fail("engram_storage", self.engram_storage, f"allowed: {list(ENGRAM_STORAGES)}")
         if self.engram_storage == "disk" and not self.engram_table_dir:
             _fail("engram_table_dir", self.engram_table_dir, "engram_storage='disk' needs a directory for the table files")
+        buf = self.engram_write_buffer_mib
+        if not isinstance(buf, int) or isinstance(buf, bool) or buf <= 0:
+            _fail("engram_write_buffer_mib", buf, "expected a positive integer (MiB of updated rows kept in RAM "
+                  "before a disk table is written)")
 
     def _check_rope(self, field: str = "rope_parameters"):
         rp = getattr(self, field)

@@ -94,6 +94,19 @@ PRESETS: dict[str, dict] = {
         ffn_types=["hash_moe"] * 3 + ["moe"] * 58, o_groups=16, index_topk=1024,
         n_routed_experts=384, moe_intermediate_size=3072, routed_scaling_factor=2.5,
     ),
+    # DeepSeek-V4.1-Flash (spec App. A): 40 MoE layers (no hash layers listed), hidden 5120, 384 experts of 2304,
+    # mHC, Engram at layers 1 and 14 (§6.7: orders 2-4, 8 heads x 256, 16M base rows per head, no short conv,
+    # compressed vocab 99,092, pad id 2). Attention follows V4-Flash's sliding / CSA / HCA schedule: V4.1's CSA2
+    # (2:1 and 1:1 compression with cross-layer KV sharing) is not implemented. DSpark drafts replace MTP (not
+    # modelled: no MTP module). rms_norm_eps stays V4's 1e-6 (NeMo's 1e-20 is unverified, spec Q12).
+    "deepseek-v4.1-flash": dict(
+        _DEEPSEEK_V4, hidden_size=5120, num_hidden_layers=40, num_attention_heads=64, q_lora_rank=1280,
+        attention_types=["v4"] * 40, attention_sparsity=["sliding"] * 2 + ["csa", "hca"] * 19,
+        ffn_types=["moe"] * 40, o_groups=8, index_n_heads=32, index_topk=512,
+        n_routed_experts=384, moe_intermediate_size=2304, routed_scaling_factor=1.5, num_nextn_predict_layers=0,
+        engram_layer_ids=[1, 14], engram_max_ngram_size=4, engram_n_heads=8, engram_head_dim=256,
+        engram_vocab_size=16_000_000, engram_kernel_size=0, engram_pad_id=2, engram_compressed_vocab_size=99_092,
+    ),
     "tiny-deepseek-v4-flash": dict(
         _TINY_COMMON, max_position_embeddings=131072, attention_types=["v4"] * 4,
         attention_sparsity=["sliding", "csa", "hca", "csa"], ffn_types=["hash_moe", "moe", "moe", "moe"],
@@ -103,6 +116,18 @@ PRESETS: dict[str, dict] = {
                                       original_max_position_embeddings=8192, beta_fast=32, beta_slow=1),
         moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
         scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0,
+    ),
+    "tiny-deepseek-v4.1-flash": dict(
+        _TINY_COMMON, max_position_embeddings=131072, attention_types=["v4"] * 4,
+        attention_sparsity=["sliding", "csa", "hca", "csa"], ffn_types=["moe"] * 4,
+        head_dim=64, qk_rope_head_dim=16, q_lora_rank=48, o_groups=2, o_lora_rank=32, sliding_window=32,
+        csa_compress_ratio=4, hca_compress_ratio=32, index_n_heads=4, index_head_dim=16, index_topk=16,
+        compress_rope_parameters=dict(rope_type="yarn", rope_theta=160000.0, factor=16.0, attention_factor=1.0,
+                                      original_max_position_embeddings=8192, beta_fast=32, beta_slow=1),
+        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0,
+        residual_kind="mhc", hc_mult=4, engram_layer_ids=[1, 2], engram_max_ngram_size=4, engram_n_heads=2,
+        engram_head_dim=16, engram_vocab_size=[1021, 1021, 1021], engram_kernel_size=0, engram_pad_id=2,
     ),
     "tiny-deepseek-v4-pro": dict(
         _TINY_COMMON, max_position_embeddings=131072, attention_types=["v4"] * 4,

@@ -218,7 +218,8 @@ class Engram(nn.Module):
         path = None
         if config.engram_storage == "disk":
             path = f"{config.engram_table_dir}/engram_layer{layer_idx}.bin"
-        self.table = EngramTable(table_rows, config.engram_head_dim, config.engram_storage, path)
+        self.table = EngramTable(table_rows, config.engram_head_dim, config.engram_storage, path,
+                                 config.engram_write_buffer_mib * 2**20 // (4 * config.engram_head_dim))
         self.wkv = nn.Linear(e_dim, (n + 1) * d, bias=False)  # n keys (one per stream) + 1 shared value (V4.1 layout)
         self.q_norm = nn.Parameter(torch.ones(n, d))  # RMSNorm weights on the stream queries h_m
         self.k_norm = nn.Parameter(torch.ones(n, d))  # ... and on the keys k_m

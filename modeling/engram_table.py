@@ -10,16 +10,24 @@ used by DLRM/TorchRec: one float of state per row instead of Adam's two per elem
 paper's choice open). The weight is a Parameter with `requires_grad=False`, so dense optimizers (the
 `Trainer`'s AdamW) never see it and never touch untouched rows; `seekv4.training.EngramTableCallback`
 calls `step` after each optimizer step.
+
+Disk tables buffer updated rows in RAM (write-back): writing scattered rows into the shared mapping costs a
+write fault per clean page plus its writeback (seconds per step, bench/RESULTS.md), so `step` writes into
+the buffer, reads look there first, and `flush()` writes the buffer to the file as one sorted pass — when
+it is full, before `state_dict()` (so `save_pretrained` sees every update) and on request. `weight` itself
+is the file: read rows through `rows()` / `gather()`, or `flush()` first.
 """
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 _ADAGRAD_EPS = 1e-10
+_FLUSH_CHUNK = 1 << 16  # rows per index_copy_ of a flush: bounds its temporary copy
 
 
 class _Prefetched:
@@ -33,7 +41,8 @@ class _Prefetched:
 class EngramTable(nn.Module):
     """rows [num_rows, dim]; `gather(indices [...]) -> [..., dim]` in the compute dtype of the weight."""
 
-    def __init__(self, num_rows: int, dim: int, storage: str = "device", path: str | None = None):
+    def __init__(self, num_rows: int, dim: int, storage: str = "device", path: str | None = None,
+                 write_buffer_rows: int = 1 << 20):
         super().__init__()
         self.num_rows, self.dim, self.storage, self.path = num_rows, dim, storage, path
         self.weight = nn.Parameter(self._allocate(), requires_grad=False)
@@ -41,6 +50,19 @@ class EngramTable(nn.Module):
         self.register_buffer("row_sum_sq", torch.zeros(num_rows), persistent=False)
         self._grads: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._worker = ThreadPoolExecutor(1) if storage != "device" else None
+        if storage == "disk":
+            self._capacity = min(num_rows, write_buffer_rows)
+            self._lock = threading.Lock()  # the prefetch worker reads while the main thread may write
+            self._new_write_buffer()
+
+    def _new_write_buffer(self):
+        """Empty write-back buffer in host memory: slot s holds row buf_rows[s] with value buf_vals[s]. (Again after
+        `from_pretrained`, which builds the model on the meta device: these are not registered buffers.)"""
+        with torch.device("cpu"):
+            self._slot = torch.full((self.num_rows,), -1, dtype=torch.int32)  # row -> slot, -1: the file is current
+            self._buf_rows = torch.empty(self._capacity, dtype=torch.long)  # [C]
+            self._buf_vals = torch.empty(self._capacity, self.dim)  # [C, D] fp32
+        self._buffered = 0
 
     def _allocate(self) -> torch.Tensor:
         if self.storage != "disk":
@@ -58,6 +80,8 @@ class EngramTable(nn.Module):
                 target[start:start + (1 << 20)].copy_(loaded[start:start + (1 << 20)])
         self.weight = nn.Parameter(target, requires_grad=False)
         self.row_sum_sq = self.row_sum_sq.to(target.device)
+        if self.storage == "disk":
+            self._new_write_buffer()  # the loaded weights supersede pending updates
 
     def _apply(self, fn, recurse=True):
         # host / disk tables stay where they are when the model moves to an accelerator or changes dtype
@@ -65,10 +89,32 @@ class EngramTable(nn.Module):
             return super()._apply(fn, recurse)
         return self
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.flush()  # state_dict / save_pretrained read the file
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._drop_buffer()
+        super()._load_from_state_dict(*args, **kwargs)
+
     # ---- read ------------------------------------------------------------------------------------
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [R] -> current values [R, D] (buffered updates included), no autograd."""
+        ids = ids.to(self.weight.device)
+        if self.storage != "disk":
+            return self.weight.detach().index_select(0, ids)
+        with self._lock:
+            if not self._buffered:
+                return self.weight.detach().index_select(0, ids)
+            slot = self._slot.index_select(0, ids)  # [R]
+            hit = slot >= 0
+            out = torch.empty(ids.shape[0], self.dim, dtype=self.weight.dtype)
+            out[hit] = self._buf_vals.index_select(0, slot[hit].long()).to(out.dtype)
+            out[~hit] = self.weight.detach().index_select(0, ids[~hit])  # file pages of buffered rows stay untouched
+            return out
+
     def _read(self, indices: torch.Tensor) -> torch.Tensor:
-        rows = self.weight.detach().index_select(0, indices.reshape(-1).to(self.weight.device))
-        return rows.view(*indices.shape, self.dim)
+        return self.rows(indices.reshape(-1)).view(*indices.shape, self.dim)
 
     def _attach(self, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Make the rows a leaf whose gradient is recorded for the sparse update (training only)."""
@@ -115,9 +161,60 @@ class EngramTable(nn.Module):
         state = self.row_sum_sq.index_select(0, rows) + summed.pow(2).mean(-1)
         self.row_sum_sq.index_copy_(0, rows, state)
         update = summed * (lr / (state.sqrt() + _ADAGRAD_EPS)).unsqueeze(-1)
-        new = self.weight.index_select(0, rows).float() - update
-        self.weight.index_copy_(0, rows, new.to(self.weight.dtype))
+        new = self.rows(rows).float() - update
+        self._write(rows, new)
         return rows
+
+    @torch.no_grad()
+    def _write(self, rows: torch.Tensor, values: torch.Tensor):
+        """rows [R] distinct, ascending; values [R, D]."""
+        if self.storage != "disk":
+            self.weight.index_copy_(0, rows, values.to(self.weight.dtype))
+            return
+        with self._lock:
+            slot = self._slot.index_select(0, rows)
+            fresh = slot < 0
+            n_fresh = int(fresh.sum())
+            if self._buffered + n_fresh > self._capacity:
+                self._flush_locked()
+                slot, fresh, n_fresh = self._slot.index_select(0, rows), torch.ones_like(fresh), rows.shape[0]
+                if n_fresh > self._capacity:  # one step touched more rows than the buffer holds
+                    self._write_file(rows, values)
+                    return
+            new = torch.arange(self._buffered, self._buffered + n_fresh, dtype=torch.int32)
+            slot[fresh] = new
+            self._slot[rows[fresh]] = new
+            self._buf_rows[self._buffered:self._buffered + n_fresh] = rows[fresh]
+            self._buffered += n_fresh
+            self._buf_vals[slot.long()] = values.float()
+
+    def flush(self):
+        """Write the buffered rows of a disk table to its file (sorted, so the file is walked once)."""
+        if self.storage == "disk":
+            with self._lock:
+                self._flush_locked()
+
+    def _flush_locked(self):
+        n = self._buffered
+        if not n:
+            return
+        rows, order = self._buf_rows[:n].sort()
+        self._write_file(rows, self._buf_vals, order)
+        self._slot[rows] = -1
+        self._buffered = 0
+
+    def _write_file(self, rows: torch.Tensor, values: torch.Tensor, order: torch.Tensor | None = None):
+        """rows [R] ascending <- values[order] (values [R, D] when order is None)."""
+        for start in range(0, rows.shape[0], _FLUSH_CHUNK):
+            part = slice(start, start + _FLUSH_CHUNK)
+            vals = values[part] if order is None else values.index_select(0, order[part])
+            self.weight.detach().index_copy_(0, rows[part], vals.to(self.weight.dtype))
+
+    def _drop_buffer(self):
+        if self.storage == "disk":
+            with self._lock:
+                self._slot[self._buf_rows[:self._buffered]] = -1
+                self._buffered = 0
 
     def extra_repr(self) -> str:
         return f"rows={self.num_rows}, dim={self.dim}, storage={self.storage}"

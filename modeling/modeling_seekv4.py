@@ -23,7 +23,7 @@ from .attention_v4 import V4Attention
 from .engram import Engram, EngramCacheLayer, EngramMemory, NgramHasher, engram_cache
 from .engram_table import EngramTable
 from .moe import DenseFFN, Experts, HashRouter, MoE, Router
-from .mtp import MTPModule, shift_left
+from .mtp import MTPModule, mtp_block_config, shift_left
 from .norm import RMSNorm
 from .residual import HCSite, HyperHead, MHCSite, build_head, build_site, expand
 from .rope import RotaryEmbedding, compute_inv_freq
@@ -190,9 +190,9 @@ class SeekV4Model(SeekV4PreTrainedModel):
         self.engram = EngramMemory(config) if config.engram_layer_ids else None
         self.hc_head = build_head(config)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        # MTP blocks take the last layer's attention / FFN kinds and never use the cache
+        # MTP blocks take the last layer's kinds (V4: sliding attention, score-routed MoE) and never use the cache
         self.mtp = nn.ModuleList(
-            MTPModule(config, SeekV4DecoderLayer(config, config.num_hidden_layers - 1, mtp=True))
+            MTPModule(config, SeekV4DecoderLayer(mtp_block_config(config), config.num_hidden_layers - 1, mtp=True))
             for _ in range(config.num_nextn_predict_layers)
         )
         # one RoPE table per attention kind present (their rotary widths differ), plus the DSA indexer's

@@ -4,9 +4,12 @@ Module k (k = 1..D) at position t predicts token t+1+k. Its input combines the p
 streams (the main model's final streams, before the head, for k = 1) with the embedding of token t+k:
     X = W^h RMSNorm(H) (per stream) + W^e RMSNorm(Emb(x_{t+k})) (broadcast over streams)
 then one decoder block, its own residual head and final norm; the LM head and embedding are shared with
-the main model. Training follows the V3 shift convention (spec Q14).
+the main model. Training follows the V3 shift convention (spec Q14). The block takes the last layer's kinds,
+except in V4 models, whose MTP block attends over the sliding window only and routes its MoE by score.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -33,6 +36,17 @@ class MTPModule(nn.Module):
         x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds)).unsqueeze(2)
         streams, _, _ = self.block(x, past_key_values=None, input_ids=next_ids, **block_kwargs)
         return streams, self.norm(self.hc_head(streams))
+
+
+def mtp_block_config(config):
+    """Config to build an MTP block from, as layer `num_hidden_layers - 1`: the last layer's kinds, or for a
+    `v4` last layer `sliding` attention (compress ratio 0) and `moe` instead of `hash_moe` (spec §4.11)."""
+    if config.attention_types[-1] != "v4":
+        return config
+    config = copy.deepcopy(config)
+    config.attention_sparsity = [*config.attention_sparsity[:-1], "sliding"]
+    config.ffn_types = [*config.ffn_types[:-1], "moe" if config.ffn_types[-1] == "hash_moe" else config.ffn_types[-1]]
+    return config
 
 
 def shift_left(x: torch.Tensor, k: int, fill) -> torch.Tensor:

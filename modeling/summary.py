@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .engram_table import EngramTable
 from .modeling_seekv4 import SeekV4ForCausalLM
 from .moe import Experts
 
@@ -32,7 +33,7 @@ def parameter_counts(config) -> dict[str, int]:
     """Built on the meta device, so even 671B-parameter shapes cost no memory."""
     with torch.device("meta"):
         model = SeekV4ForCausalLM(config)
-    seen, total, routed, routed_active = set(), 0, 0, 0
+    seen, total, routed, routed_active, engram, engram_active = set(), 0, 0, 0, 0, 0
     for module in model.modules():
         for p in module.parameters(recurse=False):
             if id(p) in seen:  # tied embeddings count once
@@ -42,7 +43,11 @@ def parameter_counts(config) -> dict[str, int]:
             if isinstance(module, Experts):
                 routed += p.numel()
                 routed_active += p.numel() * config.num_experts_per_tok // config.n_routed_experts
-    return {"total": total, "active_per_token": total - routed + routed_active, "routed_experts": routed}
+            elif isinstance(module, EngramTable):  # a token reads one row per hash head and n-gram order
+                engram += p.numel()
+                engram_active += (config.engram_max_ngram_size - 1) * config.engram_n_heads * module.dim
+    active = total - routed + routed_active - engram + engram_active
+    return {"total": total, "active_per_token": active, "routed_experts": routed, "engram_tables": engram}
 
 
 def schedule_runs(config) -> list[tuple[int, int, str, str]]:

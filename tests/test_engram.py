@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from seekv4 import SeekV4Config, SeekV4ForCausalLM
 from seekv4.modeling.engram import NgramHasher, _is_prime
+from seekv4.modeling.engram_table import EngramTable, open_table_file
 from seekv4.tokenization.engram_map import build_engram_map
 
 ENGRAM = dict(engram_layer_ids=[1, 2], engram_vocab_size=[10, 20], engram_n_heads=2, engram_head_dim=8)
@@ -170,6 +171,76 @@ def test_storage_save_load_roundtrip(tmp_path, storage):
         assert weight.untyped_storage().filename == str(tmp_path / "tables2" / "engram_layer1.bin")
 
 
+def _train_step(table, idx, lr=0.1):
+    """One sparse step: loss = Σ rows · w (w fixed per position), so the row gradients are known."""
+    table.train()
+    rows = table.gather(idx)  # [N, D]
+    w = torch.linspace(-1, 1, idx.numel() * table.dim).view(idx.numel(), table.dim)
+    (rows * w).sum().backward()
+    return table.step(lr)
+
+
+def test_disk_write_buffer_reads_flush_and_threshold(tmp_path):
+    """A disk table with a 6-row write-back buffer against the same updates applied to a RAM table."""
+    init = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    ram = EngramTable(40, 4)
+    disk = EngramTable(40, 4, "disk", str(tmp_path / "t.bin"), write_buffer_rows=6)
+    with torch.no_grad():
+        ram.weight.copy_(init), disk.weight.copy_(init)
+    file = open_table_file(str(tmp_path / "t.bin"), 40, 4)  # an independent view of the file
+    # step 1: 4 rows -> buffered; the file is untouched, reads see the update
+    assert torch.equal(_train_step(ram, torch.tensor([3, 9, 3, 17, 30])), _train_step(disk, torch.tensor([3, 9, 3, 17, 30])))
+    assert torch.equal(file, init) and disk._buffered == 4
+    assert torch.equal(disk.gather(torch.arange(40)), ram.weight) and not torch.equal(ram.weight, init)
+    # step 2: rows 9, 17 hit the buffer, 5 and 6 are new (6 buffered = capacity): still nothing written
+    for t in (ram, disk):
+        _train_step(t, torch.tensor([9, 17, 5, 6]))
+    assert torch.equal(file, init) and disk._buffered == 6
+    assert torch.equal(disk.rows(torch.arange(40)), ram.weight)
+    # step 3: a new row overflows the buffer -> sorted flush of the 6, then the step is buffered
+    for t in (ram, disk):
+        _train_step(t, torch.tensor([11, 3]))
+    assert disk._buffered == 2
+    expect_file = ram.weight.clone()
+    expect_file[[3, 11]] = file[[3, 11]]  # the rows of step 3 are still only in the buffer
+    assert torch.equal(file, expect_file)
+    assert torch.equal(disk.prefetch(torch.arange(40)).wait(), ram.weight)  # worker-thread read path
+    # a step touching more rows than the buffer holds goes straight to the file (after a flush)
+    for t in (ram, disk):
+        _train_step(t, torch.arange(20, 30))
+    assert disk._buffered == 0 and torch.equal(file, ram.weight)
+    for t in (ram, disk):
+        _train_step(t, torch.tensor([0, 39]))
+    disk.flush()
+    assert disk._buffered == 0 and torch.equal(file, ram.weight)
+    changed = (file != init).any(-1).nonzero().flatten().tolist()  # only touched rows changed
+    assert changed == [0, 3, 5, 6, 9, 11, 17] + list(range(20, 31)) + [39]
+
+
+def test_disk_buffered_updates_save_load_roundtrip(tmp_path):
+    model = make(engram_storage="disk", engram_table_dir=str(tmp_path / "tables"))
+    model.train()
+    x = ids(2, 10)
+    model(x, labels=x).loss.backward()
+    touched = model.step_engram_tables(lr=0.5)
+    table = model.model.layers[1].engram.table
+    assert table._buffered == len(touched[1])  # all updates still in RAM
+    model.eval()
+    with torch.no_grad():
+        expect = model(x).logits
+    model.save_pretrained(tmp_path / "ckpt")  # state_dict flushes: the checkpoint holds the updates
+    assert table._buffered == 0
+    loaded = SeekV4ForCausalLM.from_pretrained(tmp_path / "ckpt", engram_table_dir=str(tmp_path / "t2")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, expect)
+        assert torch.equal(model(x).logits, expect)
+    loaded.train()  # the loaded table trains through its own (fresh) buffer
+    loaded(x, labels=x).loss.backward()
+    before = loaded.model.layers[1].engram.table.rows(touched[1])
+    assert torch.equal(loaded.step_engram_tables(lr=0.5)[1], touched[1])
+    assert not torch.equal(loaded.model.layers[1].engram.table.rows(touched[1]), before)
+
+
 @pytest.mark.parametrize("kw, field", [
     (dict(engram_layer_ids=[4]), "engram_layer_ids"),
     (dict(engram_layer_ids=[-1]), "engram_layer_ids"),
@@ -180,6 +251,7 @@ def test_storage_save_load_roundtrip(tmp_path, storage):
     (dict(engram_vocab_size=[10]), "engram_vocab_size"),
     (dict(engram_storage="ssd"), "engram_storage"),
     (dict(engram_storage="disk"), "engram_table_dir"),
+    (dict(engram_storage="disk", engram_table_dir="t", engram_write_buffer_mib=0), "engram_write_buffer_mib"),
     (dict(pad_token_id=None), "engram_pad_id"),
 ])
 def test_bad_engram_config_names_field(kw, field):
@@ -191,3 +263,18 @@ def test_inputs_embeds_only_is_an_error():
     model = make()
     with pytest.raises(ValueError, match="Engram layers look up token ids"):
         model(inputs_embeds=torch.randn(1, 4, 64))
+
+
+def test_v41_flash_preset_table_rows_and_active_parameters():
+    """Spec §6.7: V4.1-Flash's two tables have 384,006,168 and 384,016,682 rows of 256; a token reads
+    3 orders x 8 heads rows per table, so only 2 x 24 x 256 table parameters are active."""
+    from seekv4.modeling.summary import parameter_counts
+
+    config = SeekV4Config.from_preset("deepseek-v4.1-flash")
+    h = NgramHasher(config)
+    assert [sum(h.table_sizes(layer)) for layer in (1, 14)] == [384_006_168, 384_016_682]
+    tiny = cfg()  # 2 Engram layers, orders 2-3 x 2 heads x 8 wide
+    counts, plain = parameter_counts(tiny), parameter_counts(cfg(engram_layer_ids=[]))
+    tables = sum(sum(NgramHasher(tiny).table_sizes(layer)) * 8 for layer in (1, 2))
+    assert counts["engram_tables"] == tables
+    assert counts["active_per_token"] - counts["total"] == plain["active_per_token"] - plain["total"] - tables + 2 * 4 * 8

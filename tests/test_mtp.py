@@ -54,3 +54,38 @@ def test_mtp_weights_save_load_and_loss_falls(tmp_path):
         opt.zero_grad()
         losses.append(out.mtp_loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def _v4(last_sparsity: str, last_ffn: str):
+    return SeekV4Config.from_preset("tiny-deepseek-v4-flash", attention_sparsity=["sliding", "csa", "hca", last_sparsity],
+                                    ffn_types=["hash_moe", "moe", "moe", last_ffn], num_nextn_predict_layers=1)
+
+
+def test_v4_mtp_block_is_sliding_with_score_routed_moe():
+    """Spec §4.11: V4's MTP block attends over the window only and routes by score, whatever the last layer is.
+    Reference: a model whose last layer already is sliding + moe (there the MTP copy of its kinds is right)."""
+    from seekv4.modeling.moe import HashRouter
+
+    torch.manual_seed(0)
+    model = SeekV4ForCausalLM(_v4("csa", "hash_moe")).eval()
+    ref = SeekV4ForCausalLM(_v4("sliding", "moe")).eval()
+    block = model.model.mtp[0].block
+    assert block.self_attn.sparsity == "sliding" and block.self_attn.compressor is None
+    assert block.self_attn.indexer is None and block.mlp.kind == "moe" and not isinstance(block.mlp.gate, HashRouter)
+    assert model.model.layers[3].self_attn.sparsity == "csa"  # the main model's schedule is untouched
+    ref.model.mtp.load_state_dict(model.model.mtp.state_dict())  # strict: same parameters as the reference
+    x = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    streams = torch.randn(2, 40, 1, 64)
+    kw = dict(position_embeddings={}, attention_mask=None, position_ids=torch.arange(40)[None])
+    with torch.no_grad():
+        emb = model.model.embed_tokens(x)
+        a = model.model.mtp[0](streams, emb, x, **kw)[1]
+        b = ref.model.mtp[0](streams, emb, x, **kw)[1]
+        assert torch.equal(a, b)
+        assert torch.isfinite(model(x, labels=x).mtp_loss)
+
+
+def test_non_v4_mtp_block_keeps_the_last_layer_kinds():
+    model = make(ffn_types=["dense", "moe", "moe", "hash_moe"])
+    block = model.model.mtp[0].block
+    assert block.attention_kind == "mla" and block.mlp.kind == "hash_moe"
