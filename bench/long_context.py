@@ -57,6 +57,23 @@ PORT_CONFIG = dict(  # the transformers twin of the preset
     pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
 
+DSA_FILES = ("modeling/indexer.py", "modeling/sparse_attention.py", "modeling/attention_mla.py", "modeling/dsa.py")
+
+
+def code_hash() -> str:
+    """Short hash of the DSA source files (others edit the repo concurrently: a change mid-run is flagged)."""
+    import hashlib
+
+    import seekv4
+
+    root = os.path.dirname(seekv4.__file__)
+    h = hashlib.sha256()
+    for f in DSA_FILES:
+        with open(os.path.join(root, f), "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
 # ---- worker side -----------------------------------------------------------------------------------
 
 TIMES: dict[str, float] = defaultdict(float)
@@ -232,7 +249,14 @@ def worker_decode(contexts: list[int]) -> dict:
     return {"contexts": res, "probe": (p0 + p1) / 2}
 
 
+CODE_AT_IMPORT = None
+
+
 def worker_main(spec: dict) -> None:
+    global CODE_AT_IMPORT
+    import seekv4.modeling  # noqa: F401  (import first, then hash what was imported)
+
+    CODE_AT_IMPORT = code_hash()
     torch.set_num_threads(spec["threads"])
     try:
         if spec["what"] == "prefill":
@@ -243,6 +267,7 @@ def worker_main(spec: dict) -> None:
             out = worker_decode(spec["contexts"])
     except (MemoryError, RuntimeError) as e:
         out = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    out["code"] = CODE_AT_IMPORT
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -316,6 +341,10 @@ def main(argv=None):
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}, "
           f"{platform.machine()}, torch.get_num_threads()={a.threads}, os.cpu_count()={os.cpu_count()}, "
           f"loadavg at start {os.getloadavg()[0]:.1f}")
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    code0 = code_hash()
+    print(f"repo HEAD {git or '?'}; DSA source hash {code0} ({', '.join(DSA_FILES)})")
     print(f"model: preset {PRESET} (max_position_embeddings={MAX_POS}), float32, batch 1, inference_mode, "
           f"use_cache=True, logits_to_keep=1; command: python bench/long_context.py {' '.join(sys.argv[1:])}")
     print()
@@ -475,6 +504,13 @@ def main(argv=None):
     print("|---|---:|---:|---|---|")
     print("\n".join(rows))
     print()
+    seen = {r.get("code") for r in [*dsa.values(), *dense.values(), *port.values(), dec or {}] if r.get("code")}
+    seen.add(code_hash())
+    if seen != {code0}:
+        print(f"WARNING: the DSA source files changed during the run (hashes {sorted(seen)} vs {code0} at start); "
+              f"rows from different code versions are mixed.")
+    else:
+        print(f"DSA source files unchanged during the run (hash {code0}).")
     print(f"total wall time {time.perf_counter() - t_start:,.0f} s")
 
 

@@ -12,8 +12,10 @@ import pathlib
 from typing import Callable
 
 from .build import BUCKETS, DATA_DIR, TASK_ORDER as TASKS
-# Greedy generation length per task (LongBench uses 64 for next-line; needle answers are one short line).
-MAX_NEW_TOKENS = {"repo_nextline": 64, "file_nextline": 64, "code_needle": 16}
+# Greedy generation length per task (LongBench uses 64 for next-line; needle answers are one short line);
+# code_perplexity generates nothing: its budget is context + scored span.
+MAX_NEW_TOKENS = {"repo_nextline": 64, "file_nextline": 64, "code_needle": 16, "api_recall": 64, "code_perplexity": 0}
+GENERATION_TASKS = ("repo_nextline", "file_nextline", "code_needle", "api_recall")
 
 
 class EvalError(Exception):
@@ -110,8 +112,19 @@ def insert_at_depth(haystack: str, needle: str, depth: float) -> str:
 
 
 def render(record: dict, sources: dict[str, str], count: Callable[[str], int]) -> str:
-    """The prompt of one record, cropped so that count(prompt) <= prompt_budget(record)."""
+    """The prompt of one record, cropped so that count(prompt) <= prompt_budget(record). For code_perplexity
+    the prompt is the context of the scored span `record["target"]`, cropped so that
+    count(prompt + span) <= the bucket (see `perplexity_pair`)."""
     budget, task = prompt_budget(record), record["task"]
+    if task == "code_perplexity":
+        span = record["target"]
+        prefix = target_prefix(sources[record["target_file"]], record["target_line"])
+        if record["context_files"]:
+            head = f"# Repo Name: {record['repo']}\n"
+            body = "".join(_file_block(p, sources[p]) for p in record["context_files"]) + f"# Path: {record['target_file']}\n" + prefix
+        else:
+            head, body = "", prefix
+        return _crop_front(head, body.split("\n"), lambda b: b + span, count, budget)[:-len(span)]
     if task == "code_needle":
         haystack = "".join(_file_block(p, sources[p]) for p in record["context_files"]).split("\n")
         query = "\n" + record["query"]
@@ -120,5 +133,15 @@ def render(record: dict, sources: dict[str, str], count: Callable[[str], int]) -
     prefix = target_prefix(sources[record["target_file"]], record["target_line"])
     if task == "file_nextline":
         return _crop_front("", prefix.split("\n"), lambda body: body, count, budget)
+    # repo_nextline and api_recall
     body = "".join(_file_block(p, sources[p]) for p in record["context_files"]) + f"# Path: {record['target_file']}\n" + prefix
     return _crop_front(f"# Repo Name: {record['repo']}\n", body.split("\n"), lambda b: b, count, budget)
+
+
+def perplexity_pair(context: str, span: str) -> tuple[str, str]:
+    """(context, continuation) as lm-eval's `_encode_pair` splits them: trailing whitespace of the context moves
+    to the continuation. The scored tokens are then `encode(context + continuation)[len(encode(context)):]`."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        return context[:-n_spaces], context[-n_spaces:] + span
+    return context, span

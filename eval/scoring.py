@@ -5,9 +5,12 @@ All scores are percentages (0-100), as in the published LongBench / RepoBench / 
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 
 from rapidfuzz.distance import Indel
+
+from .build import first_call_in_line
 
 
 def extract_next_line(generation: str) -> str:
@@ -58,6 +61,23 @@ def needle_accuracy(prediction: str, references: list[str]) -> float:
     """RULER `string_match_all`: the share of reference strings found, case-insensitively, in the prediction."""
     found = sum(ref.lower() in prediction.lower() for ref in references)
     return 100.0 * found / len(references)
+
+
+def api_name_match(prediction: str, callee: str) -> float:
+    """api_recall: 100 if the predicted line calls `callee` as written in the target (`f` or `mod.f`; `x.f(`
+    does not count for `f`), else 0. Textual, so it also credits lines that do not parse."""
+    return 100.0 * bool(re.search(r"(?<![\w.])" + re.escape(callee) + r"\s*\(", prediction))
+
+
+def api_match(prediction: str, reference: str, callee: str) -> float:
+    """api_recall's main score (design note eval.md 7.4, "EM of the call's function name and argument count"):
+    100 if the predicted line parses and its first call of `callee` passes as many arguments (positional +
+    keyword) as the target line's first call of `callee`, else 0. Argument values are not compared (EM and
+    edit similarity of the whole line cover them)."""
+    ref = first_call_in_line(reference, callee)
+    if ref is None:
+        raise ValueError(f"reference line {reference!r} has no call of {callee!r}")
+    return 100.0 * (first_call_in_line(prediction, callee) == ref)
 
 
 def bucket_nll(token_nlls: list[list[float]], buckets: list[str]) -> dict[str, float]:

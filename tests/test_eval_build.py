@@ -1,4 +1,5 @@
 """Benchmark builder (line categories, determinism, shipped hashes) and prompt assembly / cropping."""
+import ast
 import hashlib
 import json
 import platform
@@ -23,6 +24,41 @@ def test_line_categories_on_a_hand_written_repo():
     lines, imported = build.classify_lines(PKG_B, "pkg/b.py", {"pkg/a.py", "pkg/b.py"})
     assert lines == [(6, "cross_file_first"), (7, "cross_file"), (8, "in_file")]
     assert imported == ["pkg/a.py"]
+
+
+PKG_C = """from . import a
+from .a import helper as h, Point
+
+def g(v):
+    h(v)
+    p = Point(v, 2)
+    w = a.helper(v, y=3) + a.helper(1, 2)
+    return h(v, 1)
+"""
+PKG_POINT = PKG_A + "\nclass Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n"
+
+
+def test_api_calls_on_a_hand_written_repo():
+    """Candidates: the file's first call of a cross-file top-level function/class with >= 2 arguments."""
+    trees = {"pkg/a.py": ast.parse(PKG_POINT), "pkg/c.py": ast.parse(PKG_C)}
+    calls = build.api_calls(PKG_C, "pkg/c.py", set(trees), trees)
+    # line 5: h(v) has 1 argument; line 8: h's first call was line 5; line 7: the second a.helper call is
+    # not the first of the file; `h` resolves to `helper` (import alias), `a.helper` through the module import
+    assert calls == [(6, "Point", "pkg/a.py", 4), (7, "a.helper", "pkg/a.py", 1)]
+    assert build.first_call_in_line("    w = a.helper(v, y=3) + a.helper(1, 2)") == ("a.helper", 2)
+    assert build.first_call_in_line("x = f(g(1), *a, **k)", "g") == ("g", 1)
+    assert build.first_call_in_line("x = f(g(1), *a, **k)") == ("f", 3)
+    assert build.first_call_in_line("return f(a,") is None
+
+
+def test_perplexity_span_is_the_shortest_line_aligned_tail(monkeypatch):
+    monkeypatch.setattr(build, "PPL_CHARS", 10)
+    text = "a = 1\nbb = 22\nccc = 333\n"
+    # the prompt of line 3 ends after "bb = 22" (13 chars): 11 chars remain >= 10; line 4 would leave 1
+    assert build.perplexity_span_start(text) == 3
+    assert text[len(prompts.target_prefix(text, 3)):] == "\nccc = 333\n"
+    with pytest.raises(ValueError, match="too short"):
+        build.perplexity_span_start("a = 1\n")
 
 
 def test_prefix_ends_at_the_last_non_blank_line():
@@ -56,12 +92,43 @@ def test_shipped_files_match_manifest():
         assert hashlib.sha256(row["text"].encode()).hexdigest() == row["sha256"] == manifest["sources"][row["path"]]
     records = _records()
     assert {r["task"] for r in records} == set(prompts.TASKS)
+    lines = (build.DATA_DIR / "tasks.jsonl").read_bytes().splitlines(keepends=True)
+    for task in prompts.TASKS:   # per-task sha256 (the run identity of `seekv4 eval` samples)
+        mine = b"".join(line for line, r in zip(lines, records) if r["task"] == task)
+        assert hashlib.sha256(mine).hexdigest() == manifest["task_sha256"][task], task
     for r in records:
-        if r["task"] != "code_needle":   # targets are real lines of the shipped sources
-            assert sources[r["target_file"]].split("\n")[r["target_line"] - 1] == r["target"] == r["answers"][0]
+        text = sources.get(r["target_file"], "")
+        if r["task"] in ("repo_nextline", "file_nextline", "api_recall"):   # targets are real source lines
+            assert text.split("\n")[r["target_line"] - 1] == r["target"] == r["answers"][0]
+        if r["task"] == "api_recall":   # the target calls a function/class defined in the last context file
+            callee, n_args = build.first_call_in_line(r["target"], r["query"])
+            assert callee == r["query"] and n_args >= build.API_MIN_ARGS
+            definition = r["needle"].split()[1].split("(")[0].rstrip(":")
+            assert callee.rsplit(".", 1)[-1] == definition or f" as {callee}" in text
+            assert r["needle"] in sources[r["context_files"][-1]]
+            assert r["category"] == r["needle"].split()[0].replace("def", "function").replace("async", "function")
+        if r["task"] == "code_perplexity":   # a fixed span: the file's tail after the prompt of target_line
+            assert prompts.target_prefix(text, r["target_line"]) + r["target"] == text
+            assert build.PPL_CHARS <= len(r["target"]) and r["target"].startswith("\n") and r["answers"] == []
     counts = manifest["counts"]
     assert counts["repo_nextline"]["2048"] >= 60 and counts["code_needle"]["131072"] == 10
+    assert counts["api_recall"]["2048"] >= 10 and counts["code_perplexity"]["2048"] == 30
     assert {r["category"] for r in records if r["task"] == "repo_nextline"} == set(build.REPO_CATEGORIES)
+    assert {r["category"] for r in records if r["task"] == "code_perplexity"} == {"repo", "file"}
+    # code_perplexity's order ignores the bucket: `--limit N` scores the same spans at every bucket they fill
+    spans = {b: [r["id"].split("/", 2)[2] for r in records if r["task"] == "code_perplexity" and r["bucket"] == b]
+             for b in (2048, 32768)}
+    assert spans[2048][:5] == spans[32768][:5]
+
+
+def test_v1_records_are_unchanged():
+    """Builder v2 only appended tasks: samples of v1 runs (keyed by the v1 tasks.jsonl sha256) stay valid."""
+    from seekv4.eval.runner import LEGACY_TASKS_SHA256
+
+    manifest = json.loads((build.DATA_DIR / "manifest.json").read_text())
+    for per_task in LEGACY_TASKS_SHA256.values():
+        for task, sha in per_task.items():
+            assert manifest["task_sha256"][task] == sha, task
 
 
 @pytest.mark.skipif(platform.python_version() != json.loads((build.DATA_DIR / "manifest.json").read_text())
@@ -87,6 +154,13 @@ def test_prompts_are_cropped_to_the_budget_and_maximal(task):
     record = _first(task, 2048)
     budget = prompts.prompt_budget(record)
     prompt = prompts.render(record, sources, len)
+    if task == "code_perplexity":   # the budget covers context + scored span
+        assert budget - 400 < len(prompt + record["target"]) <= budget == record["bucket"]
+        text = sources[record["target_file"]]
+        assert (prompt + record["target"]).endswith(text[-1500:]) and not prompt.endswith("\n")
+        bigger = dict(record, bucket=record["bucket"] + 300)
+        assert len(prompts.render(bigger, sources, len)) > len(prompt)
+        return
     assert budget - 400 < len(prompt) <= budget
     if task == "code_needle":
         assert record["needle"] in prompt and prompt.endswith("\n" + record["query"])
@@ -94,7 +168,7 @@ def test_prompts_are_cropped_to_the_budget_and_maximal(task):
         prefix = prompts.target_prefix(sources[record["target_file"]], record["target_line"])
         # ends at the end of the previous non-blank line, never with a newline
         assert prompt.endswith(prefix[-200:]) and not prompt.endswith("\n")
-        if task == "repo_nextline":
+        if task in ("repo_nextline", "api_recall"):
             assert prompt.startswith(f"# Repo Name: {record['repo']}\n")
     bigger = dict(record, bucket=record["bucket"] + 300)
     assert len(prompts.render(bigger, sources, len)) > len(prompt)

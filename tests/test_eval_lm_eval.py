@@ -42,14 +42,14 @@ def test_lm_eval_route_matches_seekv4_eval(tmp_path):
 
     model = tmp_path / "tiny-llama"
     make_tiny_hf_model(model)
-    tasks = ["repo_nextline", "code_needle"]
+    tasks = ["repo_nextline", "code_needle", "api_recall", "code_perplexity"]
     ours = run_eval(str(model), tasks, ["2k"], str(tmp_path / "ours"), limit=1, progress=False)
     our_samples = {s["id"]: s for s in map(json.loads, (tmp_path / "ours/samples.jsonl").read_text().splitlines())}
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
            "--model_args", f"pretrained={model},dtype=float32,max_length=2048",
-           "--tasks", "seekv4_repo_nextline,seekv4_code_needle", "--include_path", TASKS_DIR,
+           "--tasks", ",".join(f"seekv4_{t}" for t in tasks), "--include_path", TASKS_DIR,
            "--metadata", json.dumps({"buckets": ["2k"], "limit": 1}), "--device", "cpu", "--batch_size", "1",
            "--output_path", str(tmp_path / "lm"), "--log_samples"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -62,6 +62,12 @@ def test_lm_eval_route_matches_seekv4_eval(tmp_path):
         assert lm["seekv4_repo_nextline"][f"{metric},none"] == pytest.approx(row[metric])
     assert lm["seekv4_code_needle"]["needle_accuracy,none"] == pytest.approx(
         ours["scores"]["code_needle"]["2048"]["needle_accuracy"])
+    row = ours["scores"]["api_recall"]["2048"]
+    for metric in ("api_match", "api_name_match", "edit_sim", "exact_match"):
+        assert lm["seekv4_api_recall"][f"{metric},none"] == pytest.approx(row[metric])
+    row = ours["scores"]["code_perplexity"]["2048"]   # same span tokens, same context: same NLL up to float32
+    for metric in ("perplexity", "bits_per_byte", "nll"):
+        assert lm["seekv4_code_perplexity"][f"{metric},none"] == pytest.approx(row[metric], rel=1e-4)
 
     # per sample: same prompts, same greedy tokens (ours stops once the prediction is complete)
     compared = 0
@@ -69,10 +75,13 @@ def test_lm_eval_route_matches_seekv4_eval(tmp_path):
         for line in samples_file.read_text().splitlines():
             sample = json.loads(line)
             mine, theirs = our_samples[sample["doc"]["id"]], sample["resps"][0][0]
-            if mine["task"] == "code_needle":
+            if mine["task"] == "code_perplexity":
+                assert float(theirs[0]) == pytest.approx(-sum(mine["token_nlls"]), rel=1e-4)
+                assert sample["doc"]["span_tokens"] == len(mine["token_nlls"])
+            elif mine["task"] == "code_needle":
                 assert scoring.first_line(theirs) == mine["prediction"]
             else:
                 assert theirs.startswith(mine["generation"])
                 assert scoring.extract_next_line(theirs) == mine["prediction"]
             compared += 1
-    assert compared == 2
+    assert compared == 4

@@ -59,6 +59,21 @@ def test_needle_accuracy_and_first_line():
     assert scoring.needle_accuracy("482193", ["4821937"]) == 0.0
 
 
+def test_api_call_scores():
+    ref = "        total = helper(value, LIMIT)"
+    assert scoring.api_match("    total = helper(x, limit=3)", ref, "helper") == 100.0   # name + 2 arguments
+    assert scoring.api_match("    total = helper(x)", ref, "helper") == 0.0              # wrong argument count
+    assert scoring.api_match("    total = helper(x,", ref, "helper") == 0.0              # does not parse
+    assert scoring.api_match("    total = other(helper(a), b)", ref, "helper") == 0.0    # first helper call: 1 arg
+    assert scoring.api_match("x = m.helper(1, 2)", "m.helper(a, b)", "m.helper") == 100.0
+    assert scoring.api_name_match("    total = helper(x,", "helper") == 100.0           # textual
+    assert scoring.api_name_match("y = self.helper (x)", "helper") == 0.0               # another object's method
+    assert scoring.api_name_match("y = helper (x)", "helper") == 100.0
+    assert scoring.api_name_match("y = m.helper(x)", "m.helper") == 100.0
+    with pytest.raises(ValueError, match="no call of 'helper'"):
+        scoring.api_match("x", "x = 1", "helper")
+
+
 def test_bucket_nll():
     out = scoring.bucket_nll([[1.0, 2.0], [0.5], [3.0]], ["2048", "4096", "2048"])
     assert out["nll"] == pytest.approx(6.5 / 4)
@@ -71,12 +86,14 @@ def test_bucket_nll():
 LOAD_SCRIPT = r"""
 import json, sys, evaluate
 paths = json.loads(sys.argv[1])
-em, es, na, bp = (evaluate.load(paths[m]) for m in ("code_exact_match", "edit_similarity", "needle_accuracy",
-                                                     "bucket_perplexity"))
+em, es, na, bp, api = (evaluate.load(paths[m]) for m in ("code_exact_match", "edit_similarity", "needle_accuracy",
+                                                          "bucket_perplexity", "api_recall"))
 out = {"em": em.compute(predictions=["  x = 1", "y"], references=["x  =  1", "z"]),
        "combo": evaluate.combine([em, es]).compute(predictions=["abc", "x"], references=["abd", "x"]),
        "na": na.compute(predictions=[" 123", "no"], references=[["123"], ["9", "no"]]),
-       "bp": bp.compute(predictions=[[1.0, 3.0], [2.0]], references=["2k", "4k"])}
+       "bp": bp.compute(predictions=[[1.0, 3.0], [2.0]], references=["2k", "4k"]),
+       "api": api.compute(predictions=["f(1, 2)", "g(1)", "f(1,"], references=["f(a, b)", "g(a, b)", "f(a, b)"],
+                          callees=["f", "g", "f"])}
 es.add_batch(predictions=["kitten"], references=["sitting"])
 es.add(prediction="a", reference="a")
 out["incremental"] = es.compute()
@@ -98,6 +115,7 @@ def test_metric_modules_load_offline_and_combine(tmp_path):
     assert out["na"] == {"needle_accuracy": 75.0}
     assert out["bp"] == pytest.approx({"nll": 2.0, "perplexity": math.exp(2.0), "nll_2k": 2.0,
                                        "perplexity_2k": math.exp(2.0), "nll_4k": 2.0, "perplexity_4k": math.exp(2.0)})
+    assert out["api"] == pytest.approx({"api_match": 100 / 3, "api_name_match": 100.0})
     assert out["incremental"]["edit_sim"] == pytest.approx((100 * 8 / 13 + 100) / 2)
 
 

@@ -1,13 +1,16 @@
 """`seekv4 eval`: scoring pipeline, resumability, reports and user errors."""
 import json
+import math
 
 import pytest
+import torch
 
 from seekv4.cli import main
 from seekv4.eval import runner
 from seekv4.eval.prompts import EvalError
 
 TASKS = ["repo_nextline", "file_nextline", "code_needle"]
+ALL_TASKS = TASKS + ["api_recall", "code_perplexity"]
 
 
 def test_stop_conditions():
@@ -38,7 +41,7 @@ class FakeGenerate:
 def fake(monkeypatch):
     from seekv4.eval.prompts import load_records
 
-    records = load_records(TASKS, ["2k"], limit=2)
+    records = load_records(ALL_TASKS, ["2k"], limit=2)
     gen = FakeGenerate()
     gen.records = {r["id"]: r for r in records}
     gen.correct = {r["id"] for i, r in enumerate(records) if i % 2 == 0}
@@ -76,6 +79,75 @@ def test_scores_resume_and_reports(fake, tmp_path):
     assert len(fake.calls) == 6 and again["scores"] == scores  # finished run: nothing regenerated
     with pytest.raises(EvalError, match="different run.*new --output"):
         runner.run_eval("tiny", TASKS, ["2k"], str(out), limit=2, dtype="bfloat16", progress=False)
+
+
+def test_api_recall_and_perplexity_scores(fake, tmp_path, monkeypatch):
+    """Fake generations / NLLs: the first record of each task right (or NLLs [1, 2]), the second wrong ([3])."""
+    nll_calls = []
+
+    def fake_loglikelihood(lm, prompt, span):
+        nll_calls.append(prompt)
+        return ([1.0, 2.0] if prompt in fake.correct else [3.0]), 5
+
+    monkeypatch.setattr(runner, "loglikelihood", fake_loglikelihood)
+    results = runner.run_eval("tiny", ["api_recall", "code_perplexity"], ["2k"], str(tmp_path), limit=2,
+                              progress=False)
+    api, ppl = results["scores"]["api_recall"]["2048"], results["scores"]["code_perplexity"]["2048"]
+    assert (api["api_match"], api["api_name_match"], api["exact_match"], api["n"]) == (50.0, 50.0, 50.0, 2)
+    span_bytes = sum(len(r["target"].encode()) for r in fake.records.values() if r["task"] == "code_perplexity")
+    assert ppl["nll"] == pytest.approx(2.0) and ppl["perplexity"] == pytest.approx(math.exp(2.0))
+    assert ppl["bits_per_byte"] == pytest.approx(6.0 / span_bytes / math.log(2))
+    assert (ppl["span_tokens"], ppl["prompt_tokens"], ppl["n"]) == (1.5, 5, 2) and len(nll_calls) == 2
+    md = (tmp_path / "results.md").read_text()
+    assert "| code_perplexity | perplexity | 7.389 (n=2) |" in md and "| api_recall | api_match | 50.0 (n=2) |" in md
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["definition_in_prompt"] for s in samples if s["task"] == "api_recall"] == [False, False]  # prompt=id
+    # one model per folder: other tasks of another dtype are refused too
+    with pytest.raises(EvalError, match="different run.*new --output"):
+        runner.run_eval("tiny", ["code_needle"], ["2k"], str(tmp_path), limit=1, dtype="bfloat16", progress=False)
+
+
+def test_legacy_samples_map_to_per_task_runs():
+    """Samples written before builder v2 (whole-file tasks sha256) still resume."""
+    legacy_sha, per_task = next(iter(runner.LEGACY_TASKS_SHA256.items()))
+    sample = {"task": "code_needle", "run": {"model": "m", "dtype": "float32", "tasks_sha256": legacy_sha,
+                                             "max_new_tokens": {"repo_nextline": 64, "code_needle": 16}}}
+    assert runner._run_of(sample) == {"model": "m", "dtype": "float32", "task_sha256": per_task["code_needle"],
+                                      "max_new_tokens": 16}
+    unknown = dict(sample, run=dict(sample["run"], tasks_sha256="0" * 64))
+    assert runner._run_of(unknown) == unknown["run"]
+
+
+class CharTokenizer:
+    """Characters a, b, c, newline -> ids 0-3 (a `special_ids` tokenizer, as LoadedModel expects of ByteTokenizer)."""
+    special_ids = set()
+    chars = "abc\n"
+
+    def encode(self, text):
+        return [self.chars.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+class RepeatModel(torch.nn.Module):
+    """Next-token distribution: the previous token with p = 1/2, each of the other 3 with p = 1/6."""
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None, logits_to_keep=0):
+        probs = torch.full((*input_ids.shape, 4), 1 / 6).scatter(-1, input_ids[..., None], 0.5)
+        logits = probs.log()[:, -logits_to_keep:]
+        return type("Out", (), {"logits": logits})
+
+
+def test_loglikelihood_with_known_logits():
+    from seekv4.eval.models import LoadedModel
+
+    lm = LoadedModel(RepeatModel(), CharTokenizer(), "repeat", 16)
+    # tokens a b | \n \n a: predicted after b, \n, \n -> p 1/6, 1/2, 1/6
+    nlls, n_context = runner.loglikelihood(lm, "ab", "\n\na")
+    assert n_context == 2 and nlls == pytest.approx([math.log(6), math.log(2), math.log(6)])
+    # trailing whitespace of the context moves to the span (lm-eval's _encode_pair): same tokens scored
+    assert runner.loglikelihood(lm, "ab\n", "\na") == (nlls, 2)
 
 
 def test_real_generation_on_tiny_model(tmp_path):

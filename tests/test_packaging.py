@@ -19,6 +19,8 @@ def test_wheel_contents(tmp_path):
                  "eval/metrics/edit_similarity/edit_similarity.py", "eval/metrics/code_exact_match/code_exact_match.py",
                  "eval/metrics/needle_accuracy/needle_accuracy.py",
                  "eval/metrics/bucket_perplexity/bucket_perplexity.py",
+                 "eval/metrics/api_recall/api_recall.py", "eval/lm_eval_tasks/seekv4_api_recall.yaml",
+                 "eval/lm_eval_tasks/seekv4_code_perplexity.yaml",
                  "eval/lm_eval_tasks/seekv4_repo_nextline.yaml", "eval/lm_eval_tasks/utils.py"):
         assert f"seekv4/{data}" in names, data
     assert "seekv4/setup.py" not in names

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-METRICS = ("code_exact_match", "edit_similarity", "needle_accuracy", "bucket_perplexity")
+METRICS = ("code_exact_match", "edit_similarity", "needle_accuracy", "bucket_perplexity", "api_recall")
 
 
 def metric_path(name: str) -> str:
