@@ -31,6 +31,17 @@ _DEEPSEEK_V4 = dict(
     bos_token_id=0, eos_token_id=1,
 )
 
+# tiny V4-family shapes: 64-d K=V head with a 16-d RoPE tail, window 32, CSA 4:1 / HCA 32:1
+_TINY_V4 = dict(
+    _TINY_COMMON, max_position_embeddings=131072, attention_types=["v4"] * 4,
+    head_dim=64, qk_rope_head_dim=16, q_lora_rank=48, o_groups=2, o_lora_rank=32, sliding_window=32,
+    csa_compress_ratio=4, hca_compress_ratio=32, index_n_heads=4, index_head_dim=16, index_topk=16,
+    compress_rope_parameters=dict(rope_type="yarn", rope_theta=160000.0, factor=16.0, attention_factor=1.0,
+                                  original_max_position_embeddings=8192, beta_fast=32, beta_slow=1),
+    moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+    scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0, residual_kind="mhc", hc_mult=4,
+)
+
 PRESETS: dict[str, dict] = {
     # MLA with low-rank queries, dense first layer then MoE (group-limited routing), one hash-routed layer.
     "tiny": dict(
@@ -108,36 +119,16 @@ PRESETS: dict[str, dict] = {
         engram_vocab_size=16_000_000, engram_kernel_size=0, engram_pad_id=2, engram_compressed_vocab_size=99_092,
     ),
     "tiny-deepseek-v4-flash": dict(
-        _TINY_COMMON, max_position_embeddings=131072, attention_types=["v4"] * 4,
-        attention_sparsity=["sliding", "csa", "hca", "csa"], ffn_types=["hash_moe", "moe", "moe", "moe"],
-        head_dim=64, qk_rope_head_dim=16, q_lora_rank=48, o_groups=2, o_lora_rank=32, sliding_window=32,
-        csa_compress_ratio=4, hca_compress_ratio=32, index_n_heads=4, index_head_dim=16, index_topk=16,
-        compress_rope_parameters=dict(rope_type="yarn", rope_theta=160000.0, factor=16.0, attention_factor=1.0,
-                                      original_max_position_embeddings=8192, beta_fast=32, beta_slow=1),
-        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-        scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0,
+        _TINY_V4, attention_sparsity=["sliding", "csa", "hca", "csa"], ffn_types=["hash_moe", "moe", "moe", "moe"],
     ),
     "tiny-deepseek-v4.1-flash": dict(
-        _TINY_COMMON, max_position_embeddings=131072, attention_types=["v4"] * 4,
-        attention_sparsity=["sliding", "csa", "hca", "csa"], ffn_types=["moe"] * 4,
-        head_dim=64, qk_rope_head_dim=16, q_lora_rank=48, o_groups=2, o_lora_rank=32, sliding_window=32,
-        csa_compress_ratio=4, hca_compress_ratio=32, index_n_heads=4, index_head_dim=16, index_topk=16,
-        compress_rope_parameters=dict(rope_type="yarn", rope_theta=160000.0, factor=16.0, attention_factor=1.0,
-                                      original_max_position_embeddings=8192, beta_fast=32, beta_slow=1),
-        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-        scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0,
-        residual_kind="mhc", hc_mult=4, engram_layer_ids=[1, 2], engram_max_ngram_size=4, engram_n_heads=2,
+        _TINY_V4, attention_sparsity=["sliding", "csa", "hca", "csa"], ffn_types=["moe"] * 4,
+        engram_layer_ids=[1, 2], engram_max_ngram_size=4, engram_n_heads=2,
         engram_head_dim=16, engram_vocab_size=[1021, 1021, 1021], engram_kernel_size=0, engram_pad_id=2,
     ),
     "tiny-deepseek-v4-pro": dict(
-        _TINY_COMMON, max_position_embeddings=131072, attention_types=["v4"] * 4,
-        attention_sparsity=["hca", "hca", "csa", "hca"], ffn_types=["hash_moe", "hash_moe", "moe", "moe"],
-        head_dim=64, qk_rope_head_dim=16, q_lora_rank=48, o_groups=4, o_lora_rank=32, sliding_window=32,
-        csa_compress_ratio=4, hca_compress_ratio=32, index_n_heads=4, index_head_dim=16, index_topk=32,
-        compress_rope_parameters=dict(rope_type="yarn", rope_theta=160000.0, factor=16.0, attention_factor=1.0,
-                                      original_max_position_embeddings=8192, beta_fast=32, beta_slow=1),
-        moe_intermediate_size=32, n_routed_experts=12, n_shared_experts=1, num_experts_per_tok=2,
-        scoring_func="sqrtsoftplus", routed_scaling_factor=2.5, swiglu_limit=10.0,
+        _TINY_V4, attention_sparsity=["hca", "hca", "csa", "hca"], ffn_types=["hash_moe", "hash_moe", "moe", "moe"],
+        o_groups=4, index_topk=32, n_routed_experts=12, routed_scaling_factor=2.5,
     ),
 }
 
