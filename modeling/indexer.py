@@ -108,7 +108,9 @@ class LightningIndexer(nn.Module):
         out = []
         for start in range(0, l, step):
             pos = q_positions[:, start : start + step]
-            t = int(pos.max()) + 1  # keys beyond the chunk's last query are never visible
+            # keys beyond the chunk's last query are never visible; rounding the width up to a multiple of 4096
+            # keeps the number of distinct buffer sizes small, so the allocator reuses them instead of fragmenting
+            t = min(keys.shape[1], -(-(int(pos.max()) + 1) // 4096) * 4096)
             scores = self.score(q[:, start : start + step], w[:, start : start + step], keys[:, :t])
             valid = causal_valid(pos, t, key_padding)
             scores = scores.masked_fill(~valid, float("-inf"))
