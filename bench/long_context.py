@@ -23,7 +23,7 @@ measuring, each worker does one 256-token warm-up prefill. Timers are time.perf_
 functions (CPU ops are synchronous). Each point is bracketed by a 512^3 fp32 matmul probe (GFLOP/s) to show
 the CPU phase on shared machines: compare absolute times only between rows with similar probes.
 
-    python bench/long_context.py                  # full run (about an hour on 2 busy CPU cores)
+    python bench/long_context.py                  # full run (~15 min on an idle 2-core VM; 128k needs ~16 GiB RAM)
     python bench/long_context.py --quick          # smoke run (tiny lengths, ~1 min)
     python bench/long_context.py --sections dsa --lengths 131072 --max-point-s 7200
 """
@@ -321,6 +321,7 @@ def main(argv=None):
     p.add_argument("--max-point-s", type=float, default=3600.0,
                    help="per DSA point: skip lengths whose quadratic extrapolation exceeds this; also the timeout")
     p.add_argument("--dense-max-point-s", type=float, default=600.0, help="dense: skip beyond a point slower than this")
+    p.add_argument("--port-repeats", type=int, help="interleaved pairs per port point (default: 3 up to 8k, 1 from 16k)")
     p.add_argument("--port-timeout", type=float, default=1200.0, help="timeout per port point (s)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = p.parse_args(argv)
@@ -388,7 +389,8 @@ def main(argv=None):
     if "port" in a.sections:
         for n in port_lengths:
             log(f"port pair {n}")
-            port[n] = run_worker({"what": "port", "length": n, "repeats": 3 if q else rep(n) if n < 16384 else 1,
+            reps = a.port_repeats or (3 if q else rep(n) if n < 16384 else 1)
+            port[n] = run_worker({"what": "port", "length": n, "repeats": reps,
                                   "threads": a.threads}, timeout=a.port_timeout)
             log(f"  -> {json.dumps(port[n])}")
             if "error" in port[n]:

@@ -75,7 +75,8 @@ def test_v4_mtp_block_is_sliding_with_score_routed_moe():
     assert model.model.layers[3].self_attn.sparsity == "csa"  # the main model's schedule is untouched
     ref.model.mtp.load_state_dict(model.model.mtp.state_dict())  # strict: same parameters as the reference
     x = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
-    streams = torch.randn(2, 40, 1, 64)
+    cfg = model.config  # stream count follows the preset's residual kind (mHC: hc_mult streams)
+    streams = torch.randn(2, 40, cfg.hc_mult if cfg.residual_kind == "mhc" else 1, cfg.hidden_size)
     kw = dict(position_embeddings={}, attention_mask=None, position_ids=torch.arange(40)[None])
     with torch.no_grad():
         emb = model.model.embed_tokens(x)
