@@ -1,6 +1,7 @@
 """Long-context benchmark of DeepSeek Sparse Attention (DSA, V3.2) in seekv4 (CPU, float32, batch 1).
 
-Model: preset `tiny-deepseek-v3.2` (MLA + DSA on every layer + MoE; hidden 64, 4 layers, index_topk 16) with
+Model: preset `tiny-deepseek-v3.2` (MLA + DSA on every layer + MoE, 4 layers, index_topk 16) at --shape h256 (default:
+the issue's hidden-256 shape with V3.2's head proportions, see SHAPES) or tiny (hidden 64), with
 max_position_embeddings=131072, random weights (seed 0). Sections (one run prints them all):
 
   1. dsa:    prefill of the DSA model at --lengths: total time, indexer selection time
@@ -56,6 +57,30 @@ PORT_CONFIG = dict(  # the transformers twin of the preset
     index_n_heads=4, routed_scaling_factor=2.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
+# --shape: `tiny` is the preset as is (hidden 64; its 4 index heads x 16 cost about as much per query-key pair
+# as its 4 attention heads, which no released model does). `h256` is the issue's hidden-256 4-layer shape with
+# V3.2's proportions: index heads = attention heads / 2 (64 vs 128), index dim = 2/3 of the q·k dim
+# (128 vs 192), index RoPE dims = the attention's RoPE dims; top-k stays 16.
+SHAPES = {
+    "tiny": {},
+    "h256": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                 v_head_dim=64, index_n_heads=2, index_head_dim=64),
+}
+SHAPE = "tiny"  # set by --shape (driver) / the worker spec
+
+
+def seekv4_overrides() -> dict:
+    o = dict(SHAPES[SHAPE])
+    if o:
+        o.pop("num_key_value_heads")
+        o["index_rope_head_dim"] = o["qk_rope_head_dim"]
+    return o
+
+
+def port_config() -> dict:
+    return {**PORT_CONFIG, **SHAPES[SHAPE]}
+
 
 DSA_FILES = ("modeling/indexer.py", "modeling/sparse_attention.py", "modeling/attention_mla.py", "modeling/dsa.py")
 
@@ -107,10 +132,13 @@ def build_seekv4(kind: str):
     import seekv4
 
     torch.manual_seed(0)
-    dsa = seekv4.SeekV4ForCausalLM(seekv4.SeekV4Config.from_preset(PRESET, max_position_embeddings=MAX_POS)).eval()
+    over = seekv4_overrides()
+    dsa = seekv4.SeekV4ForCausalLM(seekv4.SeekV4Config.from_preset(PRESET, max_position_embeddings=MAX_POS,
+                                                                  **over)).eval()
     if kind == "dsa":
         return dsa
-    cfg = seekv4.SeekV4Config.from_preset(PRESET, max_position_embeddings=MAX_POS, attention_sparsity=["dense"] * 4)
+    cfg = seekv4.SeekV4Config.from_preset(PRESET, max_position_embeddings=MAX_POS, attention_sparsity=["dense"] * 4,
+                                          **over)
     dense = seekv4.SeekV4ForCausalLM(cfg).eval()
     res = dense.load_state_dict(dsa.state_dict(), strict=False)
     assert not res.missing_keys and all(".indexer." in k for k in res.unexpected_keys), res
@@ -123,7 +151,7 @@ def build_port():
     from seekv4.convert import from_transformers
 
     torch.manual_seed(0)
-    src = DeepseekV32ForCausalLM(DeepseekV32Config(**PORT_CONFIG)).float().eval()
+    src = DeepseekV32ForCausalLM(DeepseekV32Config(**port_config())).float().eval()
     with torch.no_grad():  # non-zero balancing biases, as in a trained checkpoint
         for layer in src.model.layers[PORT_CONFIG["first_k_dense_replace"]:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
@@ -253,9 +281,10 @@ CODE_AT_IMPORT = None
 
 
 def worker_main(spec: dict) -> None:
-    global CODE_AT_IMPORT
+    global CODE_AT_IMPORT, SHAPE
     import seekv4.modeling  # noqa: F401  (import first, then hash what was imported)
 
+    SHAPE = spec["shape"]
     CODE_AT_IMPORT = code_hash()
     torch.set_num_threads(spec["threads"])
     try:
@@ -273,18 +302,19 @@ def worker_main(spec: dict) -> None:
 
 # ---- driver side -----------------------------------------------------------------------------------
 
-def run_worker(spec: dict, timeout: float) -> dict:
+def run_worker(spec: dict, timeout: float, script: str = __file__) -> dict:
+    """Run `script --worker SPEC` in a fresh process; its last RESULT line, or an error entry."""
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)],
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f} s", "wall": time.perf_counter() - t0}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or "").strip().splitlines()[-1:] or [""]
-        return {"error": f"worker exit code {proc.returncode} ({'killed: OOM?' if proc.returncode < 0 else tail[0]})",
-                "wall": time.perf_counter() - t0}
+        how = f"killed by signal {-proc.returncode}: OOM?" if proc.returncode < 0 else tail[0][:200]
+        return {"error": f"worker exit code {proc.returncode} ({how})", "wall": time.perf_counter() - t0}
     out = json.loads(lines[-1][len("RESULT "):])
     out["wall"] = time.perf_counter() - t0
     return out
@@ -324,6 +354,7 @@ def main(argv=None):
     p.add_argument("--port-repeats", type=int, help="interleaved pairs per port point (default: 3 up to 8k, 1 from 16k)")
     p.add_argument("--port-timeout", type=float, default=1200.0, help="timeout per port point (s)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--shape", choices=sorted(SHAPES), default="h256", help="model shape (see SHAPES)")
     a = p.parse_args(argv)
     if a.worker:
         return worker_main(json.loads(a.worker))
@@ -346,7 +377,9 @@ def main(argv=None):
                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     code0 = code_hash()
     print(f"repo HEAD {git or '?'}; DSA source hash {code0} ({', '.join(DSA_FILES)})")
-    print(f"model: preset {PRESET} (max_position_embeddings={MAX_POS}), float32, batch 1, inference_mode, "
+    global SHAPE
+    SHAPE = a.shape
+    print(f"model: preset {PRESET} with shape {a.shape} {seekv4_overrides()} (max_position_embeddings={MAX_POS}), float32, batch 1, inference_mode, "
           f"use_cache=True, logits_to_keep=1; command: python bench/long_context.py {' '.join(sys.argv[1:])}")
     print()
 
@@ -364,7 +397,7 @@ def main(argv=None):
                 if dsa_stop is None:
                     log(f"dsa prefill {n}")
                     r = run_worker({"what": "prefill", "kind": "dsa", "length": n, "repeats": rep(n),
-                                    "threads": a.threads}, timeout=a.max_point_s * max(rep(n), 1) + 120)
+                                    "threads": a.threads, "shape": a.shape}, timeout=a.max_point_s * max(rep(n), 1) + 120)
                     dsa[n] = r
                     log(f"  -> {json.dumps({k: v for k, v in r.items() if k != 'runs'})}")
                     if "error" in r:
@@ -377,7 +410,7 @@ def main(argv=None):
                 else:
                     log(f"dense prefill {n}")
                     r = run_worker({"what": "prefill", "kind": "dense", "length": n, "repeats": rep(n),
-                                    "threads": a.threads}, timeout=a.dense_max_point_s * max(rep(n), 1) * 2 + 120)
+                                    "threads": a.threads, "shape": a.shape}, timeout=a.dense_max_point_s * max(rep(n), 1) * 2 + 120)
                     dense[n] = r
                     log(f"  -> {json.dumps({k: v for k, v in r.items() if k != 'runs'})}")
                     if "error" in r:
@@ -391,7 +424,7 @@ def main(argv=None):
             log(f"port pair {n}")
             reps = a.port_repeats or (3 if q else rep(n) if n < 16384 else 1)
             port[n] = run_worker({"what": "port", "length": n, "repeats": reps,
-                                  "threads": a.threads}, timeout=a.port_timeout)
+                                  "threads": a.threads, "shape": a.shape}, timeout=a.port_timeout)
             log(f"  -> {json.dumps(port[n])}")
             if "error" in port[n]:
                 break
@@ -399,7 +432,7 @@ def main(argv=None):
     # ---- 4: decode ------------------------------------------------------------------------------------
     if "decode" in a.sections:
         log(f"decode {decode_contexts}")
-        dec = run_worker({"what": "decode", "contexts": decode_contexts, "threads": a.threads},
+        dec = run_worker({"what": "decode", "contexts": decode_contexts, "threads": a.threads, "shape": a.shape},
                          timeout=a.max_point_s + 600)
         log(f"  -> {json.dumps(dec)}")
 

@@ -27,7 +27,7 @@ from .attention_common import AttentionAux
 from .compressor import Compressor, CompressorState
 from .dsa import kl_to_indexer
 from .fp8 import fp8_round_head
-from .indexer import LightningIndexer, deterministic_topk
+from .indexer import LightningIndexer, deterministic_topk, relu_weighted_scores
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rope_tail
 from .sparse_attention import query_chunk, sparse_attention
@@ -113,8 +113,7 @@ class V4Indexer(nn.Module):
     @staticmethod
     def select(q, w, keys, visible, k: int) -> torch.Tensor:
         """q [B, L, Hi, D], keys [B, N, D], visible [B, L, N] -> idx [B, L, k] (-1 = none)."""
-        scores = torch.einsum("blh,blhn->bln", w, F.relu(torch.einsum("blhd,bnd->blhn", q.float(), keys.float())))
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = relu_weighted_scores(q, w, keys).masked_fill_(~visible, float("-inf"))
         kk = min(k, keys.shape[1])
         top = deterministic_topk(scores, kk) if kk else scores.new_zeros(*scores.shape[:2], 0, dtype=torch.long)
         top = torch.where(visible.gather(-1, top), top, -1)

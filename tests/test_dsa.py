@@ -57,6 +57,29 @@ def test_deterministic_topk_breaks_ties_toward_later_positions():
         assert sorted(map(tuple, got.sort(-1).values.tolist())) == sorted(tuple(sorted(r)) for r in keys)
 
 
+@pytest.mark.parametrize("kind", ["normal", "relu_zeros", "few_values", "masked"])
+def test_long_row_topk_matches_composite_key_reference(kind):
+    """Rows >= 4096 take the block-pruned path (and its fallbacks): same set as an exact (score, position) key
+    computed independently in int64, for every k; -inf entries are never attended, so they are not compared."""
+    g = torch.Generator().manual_seed(len(kind))
+    for n, k in [(4096, 1), (5000, 16), (9001, 37), (20000, 64)]:
+        s = torch.randn(2, 9, n, generator=g)
+        if kind == "relu_zeros":
+            s = s.clamp(max=0)  # massive exact ties at 0 (a row whose head weights are all negative)
+            s[:, :4, ::97] = torch.rand(2, 4, len(range(0, n, 97)), generator=g)
+        elif kind == "few_values":
+            s = torch.randint(0, 5, s.shape, generator=g).float()
+        elif kind == "masked":
+            s = s.masked_fill(torch.rand(s.shape, generator=g) < 0.5, float("-inf"))
+            s[0, 0, 10:] = float("-inf")  # fewer than k visible
+        bits = (s + 0.0).view(torch.int32).long()
+        ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int order == float order
+        ref = torch.topk(ordered * 2**32 + torch.arange(n), k, dim=-1).indices
+        got = deterministic_topk(s, k)
+        finite = lambda idx: torch.where(torch.isfinite(s.gather(-1, idx)), idx, -1).sort(-1).values  # noqa: E731
+        assert torch.equal(finite(got), finite(ref)), (kind, n, k)
+
+
 def test_indexer_selection_matches_float64_recomputation():
     config = SeekV4Config.from_preset("tiny-deepseek-v3.2", index_topk=7)
     torch.manual_seed(0)
