@@ -74,8 +74,7 @@ def _latest_positions(mask: torch.Tensor, k: int) -> torch.Tensor:
         return torch.topk(pos, k, dim=-1).indices
     # positions are distinct, so block pruning is always exact: the k latest matches lie in the k latest
     # blocks that have a match (when fewer blocks match, all of them are among those k)
-    block = _block_size(n, k)
-    starts, cand = _candidate_blocks(pos, k, block)[1:]
+    starts, cand = _candidate_blocks(pos, k, _block_size(n, k))[2:]
     return torch.gather(starts, -1, torch.topk(cand, k, dim=-1).indices)
 
 
@@ -84,17 +83,18 @@ def _block_size(n: int, k: int) -> int:
 
 
 def _candidate_blocks(scores, k, block):
-    """-> (block maxima [.., nb], candidate positions [.., k·block] in position order, candidate scores)
-    for the k blocks with the largest maxima; positions past the row end read as -inf."""
+    """-> (block maxima [.., nb], the k-th largest of them [..], candidate positions [.., k·block] in position
+    order, candidate scores) for the k blocks with the largest maxima; positions past the row end read -inf."""
     n = scores.shape[-1]
     full = n // block
     bmax = scores[..., : full * block].unflatten(-1, (full, block)).amax(-1)
     if full * block < n:
         bmax = torch.cat((bmax, scores[..., full * block :].amax(-1, keepdim=True)), dim=-1)
-    start = torch.topk(bmax, k, dim=-1).indices.sort(dim=-1).values * block
+    top = torch.topk(bmax, k, dim=-1)
+    start = top.indices.sort(dim=-1).values * block
     positions = (start[..., None] + torch.arange(block, device=scores.device)).flatten(-2)  # [..., k·block]
     cand = scores.gather(-1, positions.clamp(max=n - 1)).masked_fill_(positions >= n, float("-inf"))
-    return bmax, positions, cand
+    return bmax, top.values[..., -1], positions, cand
 
 
 def _blocked_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -105,12 +105,11 @@ def _blocked_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     Only when v == τ and more than k blocks reach τ can entries == v lie outside the candidates; those rows
     (ties, e.g. ReLU zeros) keep their entries > v and take the latest positions == v over the whole row."""
     n = scores.shape[-1]
-    bmax, positions, cand = _candidate_blocks(scores, k, _block_size(n, k))
+    bmax, tau, positions, cand = _candidate_blocks(scores, k, _block_size(n, k))
     local = _direct_topk(cand, k)
     indices = positions.gather(-1, local)
     values = cand.gather(-1, local)
     v = values.amin(-1)
-    tau = torch.topk(bmax, k, dim=-1).values[..., -1]
     outside = (v == tau) & torch.isfinite(tau) & ((bmax >= tau[..., None]).sum(-1) > k)
     if outside.any():
         indices[outside] = _with_latest_ties(scores[outside], values[outside], indices[outside], v[outside, None])
