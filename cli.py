@@ -66,6 +66,22 @@ def cmd_info(args) -> int:
               f"({per_layer:,} per layer: {config.kv_lora_rank} e4m3 + {config.kv_lora_rank // block} float32 scales "
               f"+ bf16 RoPE key{' + bf16 index key' if 'dsa' in config.attention_sparsity else ''}); measured fp8 "
               f"round-trip error {fp8_relative_error(config.kv_lora_rank, block):.2%} relative RMS on unit-RMS latents")
+    if config.kv_cache_dtype == "fp8_e4m3" and "v4" in config.attention_types:
+        from .modeling.fp8 import fp8_relative_error, packed_bytes
+
+        d, rope, block = config.head_dim, config.qk_rope_head_dim, config.kv_cache_fp8_block
+        record = packed_bytes(d - rope, block) + 2 * rope  # what CompressorState stores per entry (bf16 model)
+        per_token = 0.0
+        for kind, sparsity in zip(config.attention_types, config.attention_sparsity):
+            if kind == "v4" and sparsity == "csa":
+                per_token += (record + 2 * config.index_head_dim) / config.csa_compress_ratio
+            elif kind == "v4" and sparsity == "hca":
+                per_token += record / config.hca_compress_ratio
+        print(f"  with kv_cache_dtype=fp8_e4m3: compressed entries {per_token:,.1f} bytes per token vs "
+              f"{2 * sum(kv):,.1f} in bf16 ({record} bytes per entry: {d - rope} e4m3 + {(d - rope) // block} "
+              f"float32 scales + {rope} bf16 RoPE dims; CSA index keys stay bf16; the sliding window is "
+              f"{config.sliding_window - 1} rows per layer, not per token); measured fp8 round-trip error "
+              f"{fp8_relative_error(d - rope, block):.2%} relative RMS on unit-RMS rows")
     print("layer schedule:")
     print(f"  {'layers':<10} {'attention':<12} {'ffn':<9} {'kv elements/token/layer':>24}")
     for first, last, attention, ffn in schedule_runs(config):

@@ -28,6 +28,7 @@ _DEEPSEEK_V4 = dict(
                                   original_max_position_embeddings=65536, beta_fast=32, beta_slow=1),
     n_shared_experts=1, num_experts_per_tok=6, scoring_func="sqrtsoftplus", swiglu_limit=10.0, norm_topk_prob=True,
     residual_kind="mhc", hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, num_nextn_predict_layers=1,
+    kv_cache_fp8_block=64,  # FP8 cache option: 448 non-RoPE dims = 7 blocks of 64 (the reference's act_quant block)
     bos_token_id=0, eos_token_id=1,
 )
 
@@ -40,6 +41,7 @@ _TINY_V4 = dict(
                                   original_max_position_embeddings=8192, beta_fast=32, beta_slow=1),
     moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
     scoring_func="sqrtsoftplus", routed_scaling_factor=1.5, swiglu_limit=10.0, residual_kind="mhc", hc_mult=4,
+    kv_cache_fp8_block=16,
 )
 
 PRESETS: dict[str, dict] = {

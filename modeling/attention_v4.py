@@ -158,7 +158,8 @@ class V4Attention(nn.Module):
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         states = layer.states if layer is not None else {}
         if "kv" not in states:
-            states["kv"] = self.compressor.new_state(batch, dtype, device)
+            states["kv"] = self.compressor.new_state(batch, dtype, device, rope_dim=self.rotary.dim,
+                                                     cached=layer is not None)
             if self.indexer is not None:
                 states["index"] = self.indexer.compressor.new_state(batch, dtype, device)
         return states

@@ -17,20 +17,56 @@ import torch.nn.functional as F
 from torch import nn
 
 from .norm import RMSNorm
-from .fp8 import fp8_round_head
+from .fp8 import fp8_round_head, pack_fp8, packed_bytes, unpack_fp8
 from .rope import apply_rope_tail
 
 
 class CompressorState:
-    """Decode-time state of one compressor for a batch. `entries` [B, N, D] (zeros past each sample's count)."""
+    """Decode-time state of one compressor for a batch: the finished entries (zeros past each sample's count),
+    a ring buffer with the last 2m projections, and each sample's next position.
 
-    def __init__(self, batch: int, ratio: int, proj_dim: int, dim: int, dtype, device):
+    With `fp8_block` the entries are *stored* as FP8 records (`uint8` [B, N, bytes]): the non-RoPE dims as e4m3
+    with one float32 power-of-two scale per block, then the RoPE dims' raw bytes in the model dtype (V4 keeps
+    RoPE dims out of FP8). `entries` always reads back [B, N, D] in the model dtype.
+    """
+
+    def __init__(self, batch: int, ratio: int, proj_dim: int, dim: int, dtype, device,
+                 fp8_block: int | None = None, rope_dim: int = 0):
         self.ring_kv = torch.zeros(batch, 2 * ratio, proj_dim, dtype=dtype, device=device)
         self.ring_gate = torch.full((batch, 2 * ratio, proj_dim), float("-inf"), dtype=dtype, device=device)
-        self.entries = torch.zeros(batch, 0, dim, dtype=dtype, device=device)
+        self.dim, self.dtype, self.fp8_block, self.rope_dim = dim, dtype, fp8_block, rope_dim
+        self.store = torch.zeros(batch, 0, self.record_bytes if fp8_block else dim,
+                                 dtype=torch.uint8 if fp8_block else dtype, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
 
-    TENSORS = ("ring_kv", "ring_gate", "entries", "next_pos")
+    TENSORS = ("ring_kv", "ring_gate", "store", "next_pos")
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes per stored entry."""
+        if self.fp8_block is None:
+            return self.dim * self.dtype.itemsize
+        return packed_bytes(self.dim - self.rope_dim, self.fp8_block) + self.rope_dim * self.dtype.itemsize
+
+    @property
+    def entries(self) -> torch.Tensor:
+        if self.fp8_block is None:
+            return self.store
+        split = packed_bytes(self.dim - self.rope_dim, self.fp8_block)
+        nope = unpack_fp8(self.store[..., :split].view(torch.float8_e4m3fn), self.dim - self.rope_dim, self.dtype)
+        return torch.cat((nope, self.store[..., split:].contiguous().view(self.dtype)), dim=-1)
+
+    def grow(self, total: int) -> None:
+        if total > self.store.shape[1]:
+            self.store = F.pad(self.store, (0, 0, 0, total - self.store.shape[1]))
+
+    def write(self, i: int, index: torch.Tensor, entries: torch.Tensor) -> None:
+        """entries [n, D] -> slots `index` of sample i."""
+        if self.fp8_block is not None:
+            nope, rope = entries.split([self.dim - self.rope_dim, self.rope_dim], dim=-1)
+            entries = torch.cat((pack_fp8(nope, self.fp8_block).view(torch.uint8),
+                                 rope.to(self.dtype).contiguous().view(torch.uint8)), dim=-1)
+        self.store[i, index] = entries
 
     def apply(self, fn):
         """Apply a batch-dimension operation (beam reorder, select, repeat) to every tensor."""
@@ -50,8 +86,11 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(ratio, coff * dim))
         self.kv_norm = RMSNorm(dim, eps=eps)
 
-    def new_state(self, batch: int, dtype, device) -> CompressorState:
-        return CompressorState(batch, self.ratio, self.kv_proj.out_features, self.dim, dtype, device)
+    def new_state(self, batch: int, dtype, device, rope_dim: int = 0, cached: bool = False) -> CompressorState:
+        """`cached`: the state lives in a cache, so FP8 entries are really stored as FP8 records; a cache-less
+        forward (training) rounds them the same way but keeps them in the model dtype, differentiable."""
+        return CompressorState(batch, self.ratio, self.kv_proj.out_features, self.dim, dtype, device,
+                               fp8_block=self.fp8_block if cached else None, rope_dim=rope_dim)
 
     def _pool(self, kv: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """kv/gate [n + overlap, m, C] consecutive windows (the first is only the overlap source) -> [n, D]."""
@@ -107,12 +146,15 @@ class Compressor(nn.Module):
         return state
 
     def _store(self, state, new_entries, rotary):
-        total = max([first + e.shape[0] for first, e in new_entries] + [state.entries.shape[1]])
-        if total > state.entries.shape[1]:
-            state.entries = F.pad(state.entries, (0, 0, 0, total - state.entries.shape[1]))
+        state.grow(max([first + e.shape[0] for first, e in new_entries] + [state.store.shape[1]]))
         for i, (first, pooled) in enumerate(new_entries):
             if pooled.shape[0]:
                 index = torch.arange(first, first + pooled.shape[0], device=pooled.device)
                 cos, sin = rotary(index[None] * self.ratio, pooled.dtype)
                 entries = apply_rope_tail(self.kv_norm(pooled)[None, None], cos, sin)[0, 0]
-                state.entries[i, index] = fp8_round_head(entries, 2 * cos.shape[-1], self.fp8_block)
+                if state.fp8_block is None:
+                    entries = fp8_round_head(entries, 2 * cos.shape[-1], self.fp8_block)
+                elif state.rope_dim != 2 * cos.shape[-1]:
+                    raise ValueError(f"CompressorState was built for {state.rope_dim} RoPE dims, entries have "
+                                     f"{2 * cos.shape[-1]}: pass rope_dim to new_state.")
+                state.write(i, index, entries)

@@ -55,6 +55,17 @@ def test_info_reports_flashmla_bytes_and_measured_error(capsys):
     assert 0.005 < error < 2**-4 / math.sqrt(3)  # uniform rounding error of a 3-bit mantissa, RMS
 
 
+def test_info_reports_v4_fp8_record_bytes(capsys):
+    assert main(["info", "deepseek-v4-flash", "--kv-cache-dtype", "fp8_e4m3"]) == 0
+    out = capsys.readouterr().out
+    # per entry: 512 - 64 = 448 non-RoPE dims in e4m3, 448 / 64 = 7 float32 scales, 64 RoPE dims in bf16
+    assert "604 bytes per entry" in out
+    cfg = SeekV4Config.from_preset("deepseek-v4-flash")
+    csa, hca = cfg.attention_sparsity.count("csa"), cfg.attention_sparsity.count("hca")
+    expect = csa * (604 + 2 * 128) / 4 + hca * 604 / 128  # CSA also stores one bf16 index key per entry
+    assert f"compressed entries {expect:,.1f} bytes per token" in out
+
+
 @pytest.mark.parametrize("overrides, field", [
     (dict(kv_cache_dtype="int8"), "kv_cache_dtype"),
     (dict(kv_cache_dtype="fp8_e4m3", kv_cache_fp8_block=24), "kv_cache_fp8_block"),

@@ -248,4 +248,12 @@ def test_fp8_v4_cache_decoding_matches_full_forward():
         cache = DynamicCache(config=model.config)
         steps = [model(ids[:, :30], past_key_values=cache).logits]
         steps += [model(ids[:, t: t + 1], past_key_values=cache).logits for t in range(30, 41)]
-    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5  # cache-less forward: same rounding, no storage
+    # compressed entries are really stored as FP8 records: e4m3 non-RoPE dims | fp32 scales | RoPE dims' bytes
+    for layer in (1, 2):  # csa, hca
+        ratio = model.model.layers[layer].self_attn.ratio
+        state = cache.layers[layer].states["kv"]
+        d, rope = model.config.head_dim, model.config.qk_rope_head_dim
+        assert state.store.dtype == torch.uint8
+        assert state.store.shape == (2, 41 // ratio, (d - rope) + 4 * (d - rope) // 8 + 4 * rope)
+        assert state.entries.shape == (2, 41 // ratio, d) and state.entries.dtype == torch.float32
