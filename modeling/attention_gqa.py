@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .attention_common import AttentionAux, attention_kernel, eager_attention_forward
+from .cache_append import cache_update
 from .dsa import DSAMixin
 from .rope import apply_rope
 from .sparse_attention import sparse_attention
@@ -53,7 +54,7 @@ class GQAAttention(DSAMixin, nn.Module):
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
         if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+            k, v = cache_update(past_key_values, self.layer_idx, k, v)
         if self.indexer is not None:
             sel = self.dsa_select(hidden_states, hidden_states, position_embeddings["indexer"], past_key_values,
                                   past_len, key_padding)

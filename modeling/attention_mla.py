@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_common import AttentionAux, apply_mask, attention_kernel, causal_bool_mask
+from .cache_append import cache_update
 from .dsa import DSAMixin
 from .fp8 import pack_fp8, packed_bytes, unpack_fp8
 from .norm import RMSNorm
@@ -79,7 +80,7 @@ class MLAAttention(DSAMixin, nn.Module):
         if self.config.kv_cache_dtype == "fp8_e4m3":
             c_kv, k_rope = self._fp8_cache(c_kv, k_rope, past_key_values)
         elif past_key_values is not None:
-            c_kv, k_rope = past_key_values.update(c_kv, k_rope, self.layer_idx)  # [B, 1, T, r], [B, 1, T, dr]
+            c_kv, k_rope = cache_update(past_key_values, self.layer_idx, c_kv, k_rope)  # [B, 1, T, r], [B, 1, T, dr]
         if self.indexer is not None:
             selection = self.dsa_select(hidden_states, q_latent, position_embeddings["indexer"], past_key_values,
                                         past_len, key_padding)
@@ -103,7 +104,7 @@ class MLAAttention(DSAMixin, nn.Module):
         record = torch.cat((pack_fp8(c_kv, self.config.kv_cache_fp8_block), k_rope.contiguous().view(torch.float8_e4m3fn)),
                            dim=-1)
         if past_key_values is not None:
-            record, _ = past_key_values.update(record, record[..., :0], self.layer_idx)
+            record, _ = cache_update(past_key_values, self.layer_idx, record, record[..., :0])
         latent_bytes = packed_bytes(self.kv_lora_rank, self.config.kv_cache_fp8_block)
         c_kv = unpack_fp8(record[..., :latent_bytes], self.kv_lora_rank, dtype)
         return c_kv, record[..., latent_bytes:].contiguous().view(dtype)

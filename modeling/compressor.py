@@ -37,6 +37,7 @@ class CompressorState:
         self.dim, self.dtype, self.fp8_block, self.rope_dim = dim, dtype, fp8_block, rope_dim
         self.store = torch.zeros(batch, 0, self.record_bytes if fp8_block else dim,
                                  dtype=torch.uint8 if fp8_block else dtype, device=device)
+        self.length = 0  # entries in use; `store` has spare capacity past it (appends must not copy it all)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
 
     TENSORS = ("ring_kv", "ring_gate", "store", "next_pos")
@@ -50,15 +51,20 @@ class CompressorState:
 
     @property
     def entries(self) -> torch.Tensor:
+        store = self.store[:, : self.length]
         if self.fp8_block is None:
-            return self.store
+            return store
         split = packed_bytes(self.dim - self.rope_dim, self.fp8_block)
-        nope = unpack_fp8(self.store[..., :split].view(torch.float8_e4m3fn), self.dim - self.rope_dim, self.dtype)
-        return torch.cat((nope, self.store[..., split:].contiguous().view(self.dtype)), dim=-1)
+        nope = unpack_fp8(store[..., :split].view(torch.float8_e4m3fn), self.dim - self.rope_dim, self.dtype)
+        return torch.cat((nope, store[..., split:].contiguous().view(self.dtype)), dim=-1)
 
     def grow(self, total: int) -> None:
+        """Make room for `total` entries; capacity grows by 25% (at least 64) so decoding appends are amortised
+        O(1) instead of copying every entry each time a window completes."""
         if total > self.store.shape[1]:
-            self.store = F.pad(self.store, (0, 0, 0, total - self.store.shape[1]))
+            extra = total - self.store.shape[1] + max(64, total // 4)
+            self.store = F.pad(self.store, (0, 0, 0, extra))
+        self.length = max(self.length, total)
 
     def write(self, i: int, index: torch.Tensor, entries: torch.Tensor) -> None:
         """entries [n, D] -> slots `index` of sample i."""
@@ -146,7 +152,7 @@ class Compressor(nn.Module):
         return state
 
     def _store(self, state, new_entries, rotary):
-        state.grow(max([first + e.shape[0] for first, e in new_entries] + [state.store.shape[1]]))
+        state.grow(max([first + e.shape[0] for first, e in new_entries] + [state.length]))
         for i, (first, pooled) in enumerate(new_entries):
             if pooled.shape[0]:
                 index = torch.arange(first, first + pooled.shape[0], device=pooled.device)

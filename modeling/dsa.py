@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_common import AttentionAux
+from .cache_append import cache_update_indexer
 from .indexer import LightningIndexer, causal_valid
 
 
@@ -61,7 +62,7 @@ class DSAMixin:
         hidden, q_input = hidden.detach(), q_input.detach()
         keys = self.indexer.keys(hidden, cos, sin)
         if past_key_values is not None:
-            keys = past_key_values.update_indexer(keys, self.layer_idx)
+            keys = cache_update_indexer(past_key_values, self.layer_idx, keys)
         q, w = self.indexer.queries(hidden, q_input, cos, sin)
         q_positions = (torch.arange(hidden.shape[1], device=hidden.device) + past_len)[None]
         wants_loss = self.training and self.config.indexer_loss_weight > 0
