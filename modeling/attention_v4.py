@@ -207,16 +207,17 @@ class V4Attention(nn.Module):
             idx = cache_rows[:, None] - (self.window - 1) + local  # [Lc, W]
             ok = (idx >= 0) & padding.gather(1, idx.clamp(min=0).flatten()[None].expand(b, -1)).view(b, *idx.shape)
             idx = torch.where(ok, idx, -1)  # [B, Lc, W]
+            dense = None
             if entries is not None:
                 limit = (position_ids[:, rows] + 1) // self.ratio  # entries i < ⌊(t+1)/m⌋ are complete
                 visible = torch.arange(entries.shape[1], device=kv.device) < limit[..., None]  # [B, Lc, N]
-                if self.indexer is None:
-                    chosen = torch.where(visible, torch.arange(entries.shape[1], device=kv.device), -1)
+                if self.indexer is None:  # HCA: every visible entry, by matmul rather than a gather per query
+                    dense = (entries, visible)
                 else:
                     chosen = V4Indexer.select(iq[:, rows], iw[:, rows], index_keys, visible, self.indexer.topk)
-                idx = torch.cat((idx, torch.where(chosen >= 0, chosen + n_window, -1)), dim=-1)
+                    idx = torch.cat((idx, torch.where(chosen >= 0, chosen + n_window, -1)), dim=-1)
             o, probs = sparse_attention([q[:, rows, None]], [keys], 0, idx, self.scaling, sink=self.sinks,
-                                        return_probs=wants_loss)
+                                        return_probs=wants_loss, dense=dense)
             out.append(o[:, :, 0])  # [B, Lc, H, D]
             if wants_loss:
                 target = probs[:, :, 0, :, self.window:].detach().sum(2)  # mass on the chosen entries [B, Lc, k]

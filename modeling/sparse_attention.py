@@ -31,8 +31,9 @@ def sparse_attention(
     scaling: float,
     return_probs: bool = False,
     sink: torch.Tensor | None = None,
+    dense: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
-    """Attention of each query over the keys it selected.
+    """Attention of each query over the keys it selected (plus, optionally, a dense block of keys).
 
     queries[i] [B, L, G, Hg, d_i] pair with keys[i] [B, T, G·d_i] (G shared-key groups, Hg heads each):
     score = Σ_i q_i·k_i. `value` is a [B, T, G·d_v] tensor, or an int naming one of `keys` (MLA's latent is
@@ -40,12 +41,21 @@ def sparse_attention(
     idx [B, L, k]: key positions per query, -1 = no key (masked).
     sink [G·Hg]: optional per-head logit added to the softmax denominator only (an attention sink whose
     value is zero, DeepSeek-V4).
-    Returns out [B, L, G, Hg, d_value] and, if asked, probabilities [B, L, G, Hg, k] (float32 or wider).
+    dense = (rows [B, N, G·d], visible [B, L, N]): K=V rows every query may see (masked per query) that join the
+    same softmax through one matmul per chunk instead of a gather per query: HCA's compressed entries, which each
+    query attends to densely (gathering N rows per query is O(L·N·d) memory traffic; the matmul reads them once
+    per chunk). Only for K=V attention: `keys` is one tensor and `value` is 0.
+    Returns out [B, L, G, Hg, d_value] and, if asked, probabilities [B, L, G, Hg, k (+ N)] (float32 or wider).
     """
     b, l, g, hg, _ = queries[0].shape
     k = idx.shape[-1]
     d_total = sum(x.shape[-1] for x in keys) + (0 if isinstance(value, int) else value.shape[-1])
     per_query = 4 * k * (d_total + 3 * g * hg)
+    if dense is not None:
+        if len(keys) != 1 or not (isinstance(value, int) and value == 0):
+            raise ValueError("sparse_attention: `dense` keys need K=V attention (one key tensor, value=0)")
+        dense_rows = dense[0].unflatten(-1, (g, -1))  # [B, N, G, d]
+        per_query += 4 * dense_rows.shape[1] * 3 * g * hg
     step = query_chunk(l, per_query)
     outs, probs_all = [], []
     for start in range(0, l, step):
@@ -55,13 +65,20 @@ def sparse_attention(
         scores = sum(torch.einsum("blghd,blkgd->blghk", q[:, sl], kx) for q, kx in zip(queries, gathered))
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scaling  # softmax in >= fp32
         scores = scores.masked_fill((sel < 0)[:, :, None, None, :], torch.finfo(scores.dtype).min)
+        if dense is not None:
+            extra = torch.einsum("blghd,bngd->blghn", queries[0][:, sl], dense_rows).to(scores.dtype) * scaling
+            extra = extra.masked_fill(~dense[1][:, sl, None, None, :], torch.finfo(scores.dtype).min)
+            scores = torch.cat((scores, extra), dim=-1)
         if sink is None:
             probs = torch.softmax(scores, dim=-1)
         else:
             sink_logits = sink.to(scores.dtype).view(1, 1, g, hg, 1).expand(*scores.shape[:-1], 1)
             probs = torch.softmax(torch.cat((scores, sink_logits), dim=-1), dim=-1)[..., :-1]
         v = gathered[value] if isinstance(value, int) else gather_rows(value, sel).unflatten(-1, (g, -1))
-        outs.append(torch.einsum("blghk,blkgd->blghd", probs.to(v.dtype), v))
+        out = torch.einsum("blghk,blkgd->blghd", probs[..., :k].to(v.dtype), v)
+        if dense is not None:
+            out = out + torch.einsum("blghn,bngd->blghd", probs[..., k:].to(v.dtype), dense_rows)
+        outs.append(out)
         if return_probs:
             probs_all.append(probs)
     out = torch.cat(outs, dim=1)

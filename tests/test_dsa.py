@@ -47,6 +47,31 @@ def test_sparse_kernel_matches_dense_masked_reference_in_float64(groups, monkeyp
         assert (a - r).abs().max() < 1e-12
 
 
+def test_dense_block_joins_the_same_softmax_in_float64(monkeypatch):
+    """HCA path: K=V rows given as `dense` (+ per-query visibility) == the same rows selected by index."""
+    monkeypatch.setattr("seekv4.modeling.sparse_attention.CHUNK_BUDGET_BYTES", 4096)  # several query chunks
+    torch.manual_seed(0)
+    b, l, t, n, g, hg, d = 2, 11, 9, 6, 2, 3, 5
+    q = torch.randn(b, l, g, hg, d, dtype=torch.float64, requires_grad=True)
+    win = torch.randn(b, t, g * d, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(b, n, g * d, dtype=torch.float64, requires_grad=True)
+    idx = torch.rand(b, l, t).topk(4, dim=-1).indices  # distinct keys per query
+    idx[:, ::3, 0] = -1
+    visible = torch.rand(b, l, n) < 0.6
+    visible[0, 0] = False  # a query that sees no dense row
+    sink = torch.randn(g * hg, dtype=torch.float64)
+    out, probs = sparse_attention([q], [win], 0, idx, 0.3, sink=sink, dense=(rows, visible), return_probs=True)
+    full_idx = torch.cat((idx, torch.where(visible, torch.arange(n) + t, -1)), dim=-1)
+    ref = sparse_attention_reference([q], [torch.cat((win, rows), 1)], 0, full_idx, 0.3, sink=sink)
+    assert (out - ref).abs().max() < 1e-12 and probs.shape[-1] == 4 + n
+    grads = torch.autograd.grad(out.square().sum(), (q, win, rows))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, win, rows))
+    for a, r in zip(grads, ref_grads):
+        assert (a - r).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="K=V attention"):
+        sparse_attention([q], [win], torch.randn(b, t, g * d, dtype=torch.float64), idx, 0.3, dense=(rows, visible))
+
+
 def test_deterministic_topk_breaks_ties_toward_later_positions():
     scores = torch.tensor([[0.0, 2.0, 0.0, -0.0, 1.0, 0.0, float("-inf"), -3.0]])
     assert deterministic_topk(scores, 4).tolist() == [[1, 4, 5, 3]]  # 0.0 and -0.0 tie; later wins
