@@ -111,12 +111,20 @@ class V4Indexer(nn.Module):
         return q, w
 
     @staticmethod
-    def select(q, w, keys, visible, k: int) -> torch.Tensor:
-        """q [B, L, Hi, D], keys [B, N, D], visible [B, L, N] -> idx [B, L, k] (-1 = none)."""
-        scores = relu_weighted_scores(q, w, keys).masked_fill_(~visible, float("-inf"))
-        kk = min(k, keys.shape[1])
+    def select(q, w, keys, limit, k: int) -> torch.Tensor:
+        """q [B, L, Hi, D], keys [B, N, D], limit [B, L] (entries i < limit are visible) -> idx [B, L, k] (-1 = none).
+
+        Entries complete causally, so only those below the chunk's largest limit are scored (over a prefill this
+        halves the work), and only columns at or past its smallest limit need masking."""
+        n = min(keys.shape[1], int(limit.max())) if limit.numel() else 0
+        scores = relu_weighted_scores(q, w, keys[:, :n])
+        lo = max(0, min(int(limit.min()), n)) if limit.numel() else 0
+        if lo < n:
+            hidden = torch.arange(lo, n, device=keys.device) >= limit[..., None]
+            scores[..., lo:].masked_fill_(hidden, float("-inf"))
+        kk = min(k, n)
         top = deterministic_topk(scores, kk) if kk else scores.new_zeros(*scores.shape[:2], 0, dtype=torch.long)
-        top = torch.where(visible.gather(-1, top), top, -1)
+        top = torch.where(top < limit[..., None], top, -1)
         return F.pad(top, (0, k - kk), value=-1)
 
 
@@ -210,11 +218,10 @@ class V4Attention(nn.Module):
             dense = None
             if entries is not None:
                 limit = (position_ids[:, rows] + 1) // self.ratio  # entries i < ⌊(t+1)/m⌋ are complete
-                visible = torch.arange(entries.shape[1], device=kv.device) < limit[..., None]  # [B, Lc, N]
                 if self.indexer is None:  # HCA: every visible entry, by matmul rather than a gather per query
-                    dense = (entries, visible)
+                    dense = (entries, torch.arange(entries.shape[1], device=kv.device) < limit[..., None])
                 else:
-                    chosen = V4Indexer.select(iq[:, rows], iw[:, rows], index_keys, visible, self.indexer.topk)
+                    chosen = V4Indexer.select(iq[:, rows], iw[:, rows], index_keys, limit, self.indexer.topk)
                     idx = torch.cat((idx, torch.where(chosen >= 0, chosen + n_window, -1)), dim=-1)
             o, probs = sparse_attention([q[:, rows, None]], [keys], 0, idx, self.scaling, sink=self.sinks,
                                         return_probs=wants_loss, dense=dense)
