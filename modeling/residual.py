@@ -57,7 +57,22 @@ class PlainSite(nn.Module):
         return streams + y.unsqueeze(2)
 
 
-class HCSite(nn.Module):
+class _MixedStreams(nn.Module):
+    """HC and mHC differ only in how `coefficients(streams)` -> (pre [B, S, n], post [B, S, n], mix [B, S, n, n])
+    are made: x = Σ_j pre_j X_j feeds the sublayer; X_k' = post_k·y + Σ_j mix_jk X_j (float32)."""
+
+    def pre(self, streams):
+        pre, post, mix = self.coefficients(streams)
+        x = torch.einsum("bsj,bsjd->bsd", pre, _fp32(streams))
+        return x.to(streams.dtype), (post, mix)
+
+    def post(self, streams, y, coeffs):
+        post, mix = coeffs
+        out = post.unsqueeze(-1) * _fp32(y).unsqueeze(2) + torch.einsum("bsjk,bsjd->bskd", mix, _fp32(streams))
+        return out.to(streams.dtype)
+
+
+class HCSite(_MixedStreams):
     """Dynamic Hyper-Connections (HC paper §2, unconstrained).
 
     `static_alpha [n, 1 + n]` holds A_m (column 0, stream weights of the sublayer input) and A_r (columns
@@ -92,24 +107,14 @@ class HCSite(nn.Module):
         init.constant_(self.dynamic_beta_scale, _IDENTITY_SCALE)
 
     def coefficients(self, streams):
-        """streams [B, S, n, H] -> A_m [B, S, n], A_r [B, S, n, n], B [B, S, n] (float32)."""
+        """streams [B, S, n, H] -> A_m [B, S, n], B [B, S, n], A_r [B, S, n, n] (float32)."""
         h_bar = _fp32(self.norm(streams))
         alpha = torch.tanh(h_bar @ _fp32(self.dynamic_alpha_fn)) * self.dynamic_alpha_scale + self.static_alpha
         beta = torch.tanh(h_bar @ _fp32(self.dynamic_beta_fn)) * self.dynamic_beta_scale + self.static_beta
-        return alpha[..., 0], alpha[..., 1:], beta
-
-    def pre(self, streams):
-        a_m, a_r, beta = self.coefficients(streams)
-        x = torch.einsum("bsj,bsjd->bsd", a_m, _fp32(streams))
-        return x.to(streams.dtype), (beta, a_r)
-
-    def post(self, streams, y, coeffs):
-        beta, a_r = coeffs
-        out = beta.unsqueeze(-1) * _fp32(y).unsqueeze(2) + torch.einsum("bsjk,bsjd->bskd", a_r, _fp32(streams))
-        return out.to(streams.dtype)
+        return alpha[..., 0], beta, alpha[..., 1:]
 
 
-class MHCSite(nn.Module):
+class MHCSite(_MixedStreams):
     """mHC exactly as DeepSeek-V4 releases it (spec §4.9, App. D item 6), all in float32:
 
     mix = (fn · vec(X)) · rsqrt(mean(vec(X)²) + eps_norm)               [(2 + n)·n numbers per token]
@@ -157,16 +162,6 @@ class MHCSite(nn.Module):
         post = 2 * torch.sigmoid(mix_post * scale[1] + base_post)
         comb = sinkhorn((mix_res * scale[2] + base_res).unflatten(-1, (n, n)), self.iters, self.hc_eps)
         return pre, post, comb
-
-    def pre(self, streams):
-        pre, post, comb = self.coefficients(streams)
-        x = torch.einsum("bsj,bsjd->bsd", pre, _fp32(streams))
-        return x.to(streams.dtype), (post, comb)
-
-    def post(self, streams, y, coeffs):
-        post, comb = coeffs
-        out = post.unsqueeze(-1) * _fp32(y).unsqueeze(2) + torch.einsum("bsjk,bsjd->bskd", comb, _fp32(streams))
-        return out.to(streams.dtype)
 
 
 class PlainHead(nn.Module):
