@@ -85,15 +85,15 @@ def port_config() -> dict:
 DSA_FILES = ("modeling/indexer.py", "modeling/sparse_attention.py", "modeling/attention_mla.py", "modeling/dsa.py")
 
 
-def code_hash() -> str:
-    """Short hash of the DSA source files (others edit the repo concurrently: a change mid-run is flagged)."""
+def code_hash(files=DSA_FILES) -> str:
+    """Short hash of the measured source files (others edit the repo concurrently: a change mid-run is flagged)."""
     import hashlib
 
     import seekv4
 
     root = os.path.dirname(seekv4.__file__)
     h = hashlib.sha256()
-    for f in DSA_FILES:
+    for f in files:
         with open(os.path.join(root, f), "rb") as fh:
             h.update(fh.read())
     return h.hexdigest()[:12]
@@ -194,9 +194,13 @@ def repeats_for(length: int) -> int:
 
 
 def worker_prefill(kind: str, length: int, repeats: int) -> dict:
-    """One DSA or dense point: peak RSS of the first measured prefill, median times over `repeats`."""
+    """One DSA or dense point."""
     install_timers()
-    model = build_seekv4(kind)
+    return measure_prefill(build_seekv4(kind), length, repeats)
+
+
+def measure_prefill(model, length: int, repeats: int) -> dict:
+    """Peak RSS of the first measured prefill and median times (total + every TIMES key) over `repeats`."""
     ids = ids_of(length)
     runs = []
     p0 = probe_gflops()
@@ -214,7 +218,7 @@ def worker_prefill(kind: str, length: int, repeats: int) -> dict:
             del out
             runs.append({"total": total, **TIMES})
     p1 = probe_gflops()
-    med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
+    med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in {k for r in runs for k in r}}
     return {"n": repeats, "peak_mib": peak_mib, "probe": (p0 + p1) / 2, "runs": runs, **med}
 
 

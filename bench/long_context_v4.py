@@ -48,7 +48,6 @@ import argparse
 import copy
 import datetime
 import gc
-import hashlib
 import json
 import os
 import platform
@@ -85,18 +84,6 @@ PORT_CONFIG = dict(  # the transformers twin of the preset (see tests/test_parit
 V4_FILES = ("modeling/attention_v4.py", "modeling/compressor.py", "modeling/indexer.py", "modeling/sparse_attention.py",
             "modeling/residual.py", "modeling/moe.py", "modeling/modeling_seekv4.py")
 TIMES = lc.TIMES  # filled by lc._timed wrappers
-
-
-def code_hash() -> str:
-    """Short hash of the V4 source files (others edit the repo concurrently: a change mid-run is flagged)."""
-    import seekv4
-
-    root = os.path.dirname(seekv4.__file__)
-    h = hashlib.sha256()
-    for f in V4_FILES:
-        with open(os.path.join(root, f), "rb") as fh:
-            h.update(fh.read())
-    return h.hexdigest()[:12]
 
 
 # ---- worker side -----------------------------------------------------------------------------------
@@ -172,27 +159,8 @@ def _breakdown(runs: list[dict]) -> dict:
 
 
 def worker_prefill(length: int, repeats: int) -> dict:
-    """One prefill point: peak RSS of the first measured prefill, median times over `repeats`."""
     install_timers()
-    model = build_seekv4()
-    ids = lc.ids_of(length)
-    runs = []
-    p0 = lc.probe_gflops()
-    with torch.inference_mode():
-        lc.prefill(model, lc.ids_of(WARMUP_TOKENS))
-        peak_mib = None
-        for i in range(repeats):
-            TIMES.clear()
-            base = lc.reset_peak()
-            t0 = time.perf_counter()
-            out = lc.prefill(model, ids)
-            total = time.perf_counter() - t0
-            if i == 0:
-                peak_mib = (lc._status_kib("VmHWM") - base) / 1024
-            del out
-            runs.append({"total": total, **TIMES})
-    p1 = lc.probe_gflops()
-    return {"n": repeats, "peak_mib": peak_mib, "probe": (p0 + p1) / 2, "runs": runs, **_breakdown(runs)}
+    return lc.measure_prefill(build_seekv4(), length, repeats)
 
 
 def worker_port(length: int, repeats: int, skip_port: bool) -> dict:
@@ -291,7 +259,7 @@ def limit_memory(gib: float) -> None:
 def worker_main(spec: dict) -> None:
     import seekv4.modeling  # noqa: F401  (import first, then hash what was imported)
 
-    code = code_hash()
+    code = lc.code_hash(V4_FILES)
     torch.set_num_threads(spec["threads"])
     limit_memory(spec.get("mem_limit_gib", 0))
     try:
@@ -371,7 +339,7 @@ def main(argv=None):
                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", *V4_FILES], capture_output=True, text=True,
                            cwd=os.path.dirname(seekv4.__file__)).stdout.strip()
-    code0 = code_hash()
+    code0 = lc.code_hash(V4_FILES)
     print(f"repo HEAD {git or '?'}{' + uncommitted V4 changes' if dirty else ''}; V4 source hash {code0} "
           f"({', '.join(V4_FILES)})")
     cfg = seekv4.SeekV4Config.from_preset(PRESET, max_position_embeddings=MAX_POS)
@@ -497,7 +465,7 @@ def main(argv=None):
             print()
 
     seen = {r.get("code") for r in [*pre.values(), *port.values(), dec or {}] if r.get("code")}
-    seen.add(code_hash())
+    seen.add(lc.code_hash(V4_FILES))
     if seen != {code0}:
         print(f"WARNING: the V4 source files changed during the run (hashes {sorted(seen)} vs {code0} at start); "
               f"rows from different code versions are mixed.")

@@ -35,19 +35,12 @@ class CompressorState:
         self.ring_kv = torch.zeros(batch, 2 * ratio, proj_dim, dtype=dtype, device=device)
         self.ring_gate = torch.full((batch, 2 * ratio, proj_dim), float("-inf"), dtype=dtype, device=device)
         self.dim, self.dtype, self.fp8_block, self.rope_dim = dim, dtype, fp8_block, rope_dim
-        self.store = torch.zeros(batch, 0, self.record_bytes if fp8_block else dim,
-                                 dtype=torch.uint8 if fp8_block else dtype, device=device)
+        width = packed_bytes(dim - rope_dim, fp8_block) + rope_dim * dtype.itemsize if fp8_block else dim
+        self.store = torch.zeros(batch, 0, width, dtype=torch.uint8 if fp8_block else dtype, device=device)
         self.length = 0  # entries in use; `store` has spare capacity past it (appends must not copy it all)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
 
     TENSORS = ("ring_kv", "ring_gate", "store", "next_pos")
-
-    @property
-    def record_bytes(self) -> int:
-        """Bytes per stored entry."""
-        if self.fp8_block is None:
-            return self.dim * self.dtype.itemsize
-        return packed_bytes(self.dim - self.rope_dim, self.fp8_block) + self.rope_dim * self.dtype.itemsize
 
     @property
     def entries(self) -> torch.Tensor:
