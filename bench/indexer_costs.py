@@ -1,0 +1,98 @@
+"""Per-pair costs behind the DSA vs dense analysis in bench/RESULTS.md (CPU, float32, one layer, batch 1).
+
+    python bench/indexer_costs.py [--length 32768] [--threads 2]
+
+Prints, for the index shape of `--shape h256` in bench/long_context.py (2 index heads x 64), in ns per causal
+query-key pair (S·(S+1)/2 pairs); the dense attention it is compared with in RESULTS is long_context's
+"dense main attn" column (4 layers):
+  1. lightning-indexer selection (`LightningIndexer.select`, random inputs) and the share of its batched
+     score matmul (`aten::bmm`, from torch.profiler);
+  2. bf16 (AMX) scores vs float32 on one [256 queries x 16384 keys] chunk: time of the score + weighted sum, and
+     how many of the float32 top-16 picks the bf16 scores keep;
+  3. the sparse kernel alone at the `tiny` shape (latent 32 + RoPE 8, 4 heads, top-16) at 8k and 32k.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from types import SimpleNamespace
+
+import torch
+
+
+def best(fn, n=3):
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--length", type=int, default=32768)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from torch.profiler import profile
+
+    from seekv4.modeling.indexer import LightningIndexer
+    from seekv4.modeling.sparse_attention import sparse_attention
+
+    s = a.length
+    pairs = s * (s + 1) / 2
+    g = torch.Generator().manual_seed(0)
+    print(f"# indexer / dense attention costs, S={s}, threads={a.threads}, torch {torch.__version__}")
+
+    cfg = SimpleNamespace(index_n_heads=2, index_head_dim=64, index_rope_head_dim=32, index_topk=16, hidden_size=256)
+    ix = LightningIndexer(cfg, 128)
+    q, w = torch.randn(1, s, 2, 64, generator=g), torch.randn(1, s, 2, generator=g)
+    keys, pos = torch.randn(1, s, 64, generator=g), torch.arange(s)[None]
+    sel = best(lambda: ix.select(q, w, keys, pos, None), n=1)
+    with profile() as prof:
+        ix.select(q, w, keys, pos, None)
+    total_us = sum(e.self_cpu_time_total for e in prof.key_averages())
+    bmm_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "aten::bmm")
+    print(f"1. indexer select: {sel:.2f} s = {sel / pairs * 1e9:.2f} ns/pair; score matmul share "
+          f"{bmm_us / total_us:.0%} = {sel * bmm_us / total_us / pairs * 1e9:.2f} ns/pair")
+
+    lc, t = 256, 16384
+    qc, wc, kc = torch.randn(1, lc, 2, 64, generator=g), torch.randn(1, lc, 2, generator=g), torch.randn(1, t, 64, generator=g)
+    heads32, out = torch.empty(1, 2 * lc, t), torch.empty(1, lc, t)
+    heads16, tmp = torch.empty(1, 2 * lc, t, dtype=torch.bfloat16), torch.empty(1, lc, t)
+
+    def scores(heads, qq, kk, convert):
+        torch.bmm(qq, kk, out=heads)
+        hv = heads.view(1, 2, lc, t).relu_()
+        for h in range(2):
+            x = tmp.copy_(hv[:, h]) if convert else hv[:, h]
+            if h == 0:
+                torch.mul(x, wc[:, :, 0, None], out=out)
+            else:
+                out.addcmul_(x, wc[:, :, h, None])
+        return out
+
+    q32, k32 = qc.transpose(1, 2).reshape(1, 2 * lc, 64), kc.transpose(1, 2)
+    f32 = best(lambda: scores(heads32, q32, k32, False))
+    top32 = torch.topk(scores(heads32, q32, k32, False), 16).indices.sort(-1).values
+    q16, k16 = q32.bfloat16(), k32.bfloat16()
+    f16 = best(lambda: scores(heads16, q16, k16, True))
+    top16 = torch.topk(scores(heads16, q16, k16, True), 16).indices.sort(-1).values
+    kept = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(top32[0], top16[0])) / (16 * lc)
+    print(f"2. scores of [{lc} x {t}]: float32 {f32 * 1e3:.1f} ms, bf16 matmul + float32 sum {f16 * 1e3:.1f} ms "
+          f"({f32 / f16 - 1:+.0%} faster); bf16 keeps {kept:.1%} of the float32 top-16 picks")
+
+    res = []
+    for n in (8192, 32768):
+        qn, qr = torch.randn(1, n, 1, 4, 32, generator=g), torch.randn(1, n, 1, 4, 8, generator=g)
+        lat, rope = torch.randn(1, n, 32, generator=g), torch.randn(1, n, 8, generator=g)
+        idx = (torch.rand(1, n, 16, generator=g) * (torch.arange(n)[None, :, None] + 1)).long()
+        res.append(best(lambda: sparse_attention([qn, qr], [lat, rope], 0, idx, 0.1)))
+    print(f"3. sparse kernel, tiny shape, one layer: 8k {res[0] * 1e3:.0f} ms, 32k {res[1] * 1e3:.0f} ms "
+          f"({res[1] / res[0]:.2f}x for 4x tokens)")
+
+
+if __name__ == "__main__":
+    main()
