@@ -98,10 +98,10 @@ def _candidate_blocks(scores, k, block):
 
 
 def _blocked_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """`deterministic_topk` for long rows, exact: torch.topk costs ~3 ns per element on CPU, a max over blocks
-    ~0.4 ns. With τ = the k-th largest block maximum, at least k entries are >= τ, so the k-th largest value
-    v is >= τ and every entry > τ lies in one of the k blocks with the largest maxima: the top-k of those
-    candidates (gathered in position order, so the tie rule carries over) has the true v and every entry > v.
+    """`deterministic_topk` for long rows, exact: a max over blocks is a cheap vectorised pass, torch.topk over
+    every element is not. With τ = the k-th largest block maximum, at least k entries are >= τ, so the k-th
+    largest value v is >= τ and every entry > τ lies in one of the k blocks with the largest maxima: the top-k of
+    those candidates (gathered in position order, so the tie rule carries over) has the true v and every entry > v.
     Only when v == τ and more than k blocks reach τ can entries == v lie outside the candidates; those rows
     (ties, e.g. ReLU zeros) keep their entries > v and take the latest positions == v over the whole row."""
     n = scores.shape[-1]
@@ -136,13 +136,13 @@ def relu_weighted_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
                          scratch: torch.Tensor | None = None) -> torch.Tensor:
     """Selection scores without autograd: q [B, L, Hi, D], w [B, L, Hi], keys [B, T, D] -> [B, L, T] float32.
 
-    This is DSA's quadratic part: the matmul is compute-bound (~2.9 ns per query-key pair at 2 heads x 64 on
-    a 2-core CPU), everything after it memory-bound, so it is written as few passes over [L, Hi, T] as plain
+    This is DSA's quadratic part: the matmul is compute-bound (about half of selection, `bench/indexer_costs.py`),
+    everything after it memory-bound, so it is written as few passes over [L, Hi, T] as plain
     torch allows: one batched matmul straight into a reused buffer (fresh multi-MB tensors cost more in page
     faults than the matmul itself), ReLU in place, then the head-weighted sum as one batched [1, Hi] x [Hi, T]
-    matmul per query, which reads every head once and writes the output once (10% faster than a fused
-    multiply-add per head at 4 heads). `scratch` (float32, >= (Hi + 1)·B·L·T elements) is reused across
-    query chunks; the result is a view into it. 3x faster than the einsum form at 32k keys.
+    matmul per query, which reads every head once and writes the output once (instead of one multiply-add
+    pass per head). `scratch` (float32, >= (Hi + 1)·B·L·T elements) is reused across query chunks; the result
+    is a view into it.
     """
     b, l, hi, d = q.shape
     t = keys.shape[1]
