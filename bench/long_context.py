@@ -68,6 +68,7 @@ SHAPES = {
                  v_head_dim=64, index_n_heads=2, index_head_dim=64),
 }
 SHAPE = "tiny"  # set by --shape (driver) / the worker spec
+INDEXER = "fused"  # config.indexer_implementation of the DSA model; set by --indexer (driver) / the worker spec
 
 
 def seekv4_overrides() -> dict:
@@ -82,7 +83,8 @@ def port_config() -> dict:
     return {**PORT_CONFIG, **SHAPES[SHAPE]}
 
 
-DSA_FILES = ("modeling/indexer.py", "modeling/sparse_attention.py", "modeling/attention_mla.py", "modeling/dsa.py")
+DSA_FILES = ("modeling/indexer.py", "modeling/indexer_kernel.py", "modeling/indexer_topk.c",
+             "modeling/sparse_attention.py", "modeling/attention_mla.py", "modeling/dsa.py")
 
 
 def code_hash(files=DSA_FILES) -> str:
@@ -134,7 +136,7 @@ def build_seekv4(kind: str):
     torch.manual_seed(0)
     over = seekv4_overrides()
     dsa = seekv4.SeekV4ForCausalLM(seekv4.SeekV4Config.from_preset(PRESET, max_position_embeddings=MAX_POS,
-                                                                  **over)).eval()
+                                                                  indexer_implementation=INDEXER, **over)).eval()
     if kind == "dsa":
         return dsa
     cfg = seekv4.SeekV4Config.from_preset(PRESET, max_position_embeddings=MAX_POS, attention_sparsity=["dense"] * 4,
@@ -155,7 +157,9 @@ def build_port():
     with torch.no_grad():  # non-zero balancing biases, as in a trained checkpoint
         for layer in src.model.layers[PORT_CONFIG["first_k_dense_replace"]:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
-    return src, from_transformers(src).eval()
+    ours = from_transformers(src).eval()
+    ours.config.indexer_implementation = INDEXER
+    return src, ours
 
 
 def ids_of(length: int, seed: int = 1) -> torch.Tensor:
@@ -285,10 +289,10 @@ CODE_AT_IMPORT = None
 
 
 def worker_main(spec: dict) -> None:
-    global CODE_AT_IMPORT, SHAPE
+    global CODE_AT_IMPORT, SHAPE, INDEXER
     import seekv4.modeling  # noqa: F401  (import first, then hash what was imported)
 
-    SHAPE = spec["shape"]
+    SHAPE, INDEXER = spec["shape"], spec["indexer"]
     CODE_AT_IMPORT = code_hash()
     torch.set_num_threads(spec["threads"])
     try:
@@ -359,6 +363,8 @@ def main(argv=None):
     p.add_argument("--port-timeout", type=float, default=1200.0, help="timeout per port point (s)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--shape", choices=sorted(SHAPES), default="h256", help="model shape (see SHAPES)")
+    p.add_argument("--indexer", choices=["fused", "eager"], default="fused",
+                   help="config.indexer_implementation of the seekv4 DSA model (dense and port rows are unaffected)")
     a = p.parse_args(argv)
     if a.worker:
         return worker_main(json.loads(a.worker))
@@ -381,9 +387,10 @@ def main(argv=None):
                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     code0 = code_hash()
     print(f"repo HEAD {git or '?'}; DSA source hash {code0} ({', '.join(DSA_FILES)})")
-    global SHAPE
-    SHAPE = a.shape
-    print(f"model: preset {PRESET} with shape {a.shape} {seekv4_overrides()} (max_position_embeddings={MAX_POS}), float32, batch 1, inference_mode, "
+    global SHAPE, INDEXER
+    SHAPE, INDEXER = a.shape, a.indexer
+    print(f"model: preset {PRESET} with shape {a.shape} {seekv4_overrides()} (max_position_embeddings={MAX_POS}), "
+          f"indexer_implementation={a.indexer}, float32, batch 1, inference_mode, "
           f"use_cache=True, logits_to_keep=1; command: python bench/long_context.py {' '.join(sys.argv[1:])}")
     print()
 
@@ -401,7 +408,8 @@ def main(argv=None):
                 if dsa_stop is None:
                     log(f"dsa prefill {n}")
                     r = run_worker({"what": "prefill", "kind": "dsa", "length": n, "repeats": rep(n),
-                                    "threads": a.threads, "shape": a.shape}, timeout=a.max_point_s * max(rep(n), 1) + 120)
+                                    "threads": a.threads, "shape": a.shape,
+                                    "indexer": a.indexer}, timeout=a.max_point_s * max(rep(n), 1) + 120)
                     dsa[n] = r
                     log(f"  -> {json.dumps({k: v for k, v in r.items() if k != 'runs'})}")
                     if "error" in r:
@@ -414,7 +422,8 @@ def main(argv=None):
                 else:
                     log(f"dense prefill {n}")
                     r = run_worker({"what": "prefill", "kind": "dense", "length": n, "repeats": rep(n),
-                                    "threads": a.threads, "shape": a.shape}, timeout=a.dense_max_point_s * max(rep(n), 1) * 2 + 120)
+                                    "threads": a.threads, "shape": a.shape,
+                                    "indexer": a.indexer}, timeout=a.dense_max_point_s * max(rep(n), 1) * 2 + 120)
                     dense[n] = r
                     log(f"  -> {json.dumps({k: v for k, v in r.items() if k != 'runs'})}")
                     if "error" in r:
@@ -428,7 +437,8 @@ def main(argv=None):
             log(f"port pair {n}")
             reps = a.port_repeats or (3 if q else rep(n) if n < 16384 else 1)
             port[n] = run_worker({"what": "port", "length": n, "repeats": reps,
-                                  "threads": a.threads, "shape": a.shape}, timeout=a.port_timeout)
+                                  "threads": a.threads, "shape": a.shape,
+                                    "indexer": a.indexer}, timeout=a.port_timeout)
             log(f"  -> {json.dumps(port[n])}")
             if "error" in port[n]:
                 break
@@ -436,7 +446,8 @@ def main(argv=None):
     # ---- 4: decode ------------------------------------------------------------------------------------
     if "decode" in a.sections:
         log(f"decode {decode_contexts}")
-        dec = run_worker({"what": "decode", "contexts": decode_contexts, "threads": a.threads, "shape": a.shape},
+        dec = run_worker({"what": "decode", "contexts": decode_contexts, "threads": a.threads, "shape": a.shape,
+                                    "indexer": a.indexer},
                          timeout=a.max_point_s + 600)
         log(f"  -> {json.dumps(dec)}")
 

@@ -9,6 +9,7 @@ SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 ROPE_TYPES = ("default", "linear", "yarn")
 SPARSITY_KINDS = {"gqa": ("dense", "dsa"), "mla": ("dense", "dsa"), "v4": ("sliding", "csa", "hca")}
 DSA_MODES = ("sparse", "dense_warmup")
+INDEXER_IMPLEMENTATIONS = ("eager", "fused")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 RESIDUAL_KINDS = ("plain", "hc", "mhc")
 MHC_INITS = ("identity", "uniform")
@@ -89,6 +90,10 @@ class SeekV4Config(PreTrainedConfig):
     index_topk: int = 64
     dsa_mode: str = "sparse"  # "dense_warmup": dense main attention, indexer distilled from it (V3.2 stage 1)
     indexer_loss_weight: float = 1.0  # weight of the indexer KL in `loss` while training
+    # how DSA/CSA pick their top-k: "eager" = float32 torch ops (the transformers ports' numerics); "fused" = a
+    # compiled CPU kernel (modeling/indexer_kernel.py) that scores bf16 q·k and ranks in one pass, several times
+    # faster on long contexts; may be switched on a loaded model (`model.config.indexer_implementation = ...`)
+    indexer_implementation: str = "eager"
     # v4 attention (DeepSeek-V4): one K=V head of `head_dim`, RoPE on its last `qk_rope_head_dim` dims,
     # sliding window + compressed entries (`csa`: ratio 4 with indexer top-k; `hca`: ratio 128, all entries)
     sliding_window: int = 128
@@ -341,6 +346,8 @@ class SeekV4Config(PreTrainedConfig):
             _fail("dsa_mode", self.dsa_mode, f"allowed: {list(DSA_MODES)}")
         if not self.indexer_loss_weight >= 0:
             _fail("indexer_loss_weight", self.indexer_loss_weight, "expected a value >= 0 (0 disables the loss)")
+        if self.indexer_implementation not in INDEXER_IMPLEMENTATIONS:
+            _fail("indexer_implementation", self.indexer_implementation, f"allowed: {list(INDEXER_IMPLEMENTATIONS)}")
 
     def _check_v4(self):
         if not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0:

@@ -28,6 +28,7 @@ from .compressor import Compressor, CompressorState
 from .dsa import kl_to_indexer
 from .fp8 import fp8_round_head
 from .indexer import LightningIndexer, deterministic_topk, relu_weighted_scores
+from .indexer_kernel import fused_topk
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rope_tail
 from .sparse_attention import query_chunk, sparse_attention
@@ -111,11 +112,14 @@ class V4Indexer(nn.Module):
         return q, w
 
     @staticmethod
-    def select(q, w, keys, limit, k: int) -> torch.Tensor:
+    def select(q, w, keys, limit, k: int, implementation: str = "eager") -> torch.Tensor:
         """q [B, L, Hi, D], keys [B, N, D], limit [B, L] (entries i < limit are visible) -> idx [B, L, k] (-1 = none).
+        `implementation`: config.indexer_implementation ("fused": modeling/indexer_kernel.py).
 
         Entries complete causally, so only those below the chunk's largest limit are scored (over a prefill this
         halves the work), and only columns at or past its smallest limit need masking."""
+        if implementation == "fused":
+            return fused_topk(q, w, keys, limit - 1, None, k)
         n = min(keys.shape[1], int(limit.max())) if limit.numel() else 0
         scores = relu_weighted_scores(q, w, keys[:, :n])
         lo = max(0, min(int(limit.min()), n)) if limit.numel() else 0
@@ -221,7 +225,8 @@ class V4Attention(nn.Module):
                 if self.indexer is None:  # HCA: every visible entry, by matmul rather than a gather per query
                     dense = (entries, torch.arange(entries.shape[1], device=kv.device) < limit[..., None])
                 else:
-                    chosen = V4Indexer.select(iq[:, rows], iw[:, rows], index_keys, limit, self.indexer.topk)
+                    chosen = V4Indexer.select(iq[:, rows], iw[:, rows], index_keys, limit, self.indexer.topk,
+                                              self.config.indexer_implementation)
                     idx = torch.cat((idx, torch.where(chosen >= 0, chosen + n_window, -1)), dim=-1)
             o, probs = sparse_attention([q[:, rows, None]], [keys], 0, idx, self.scaling, sink=self.sinks,
                                         return_probs=wants_loss, dense=dense)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .indexer_kernel import fused_topk
 from .rope import apply_rope
 from .sparse_attention import gather_rows, query_chunk
 
@@ -171,6 +172,7 @@ def causal_valid(q_positions: torch.Tensor, num_keys: int, key_padding: torch.Te
 class LightningIndexer(nn.Module):
     def __init__(self, config, q_input_dim: int):
         super().__init__()
+        self.config = config  # read at call time: `indexer_implementation` may be switched on a loaded model
         self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
         self.rope_dim, self.topk = config.index_rope_head_dim, config.index_topk
         self.wq_b = nn.Linear(q_input_dim, self.n_heads * self.head_dim, bias=False)
@@ -225,6 +227,9 @@ class LightningIndexer(nn.Module):
         b, l = q.shape[:2]
         num_keys = keys.shape[1]
         k = min(self.topk, num_keys)
+        if self.config.indexer_implementation == "fused":
+            pad = key_padding[:, :num_keys] if key_padding is not None else None
+            return fused_topk(q, w, keys, q_positions, None if pad is None or bool(pad.all()) else pad, k)
         step = query_chunk(l, 4 * num_keys * (self.n_heads + 1) * b)
         scratch = _workspace((self.n_heads + 1) * b * min(step, l) * num_keys, q.device)
         pad = None

@@ -128,9 +128,13 @@ def test_indexer_selection_matches_float64_recomputation():
 
 # ---- model-level cache correctness ---------------------------------------------------------------
 
+IMPLS = ["eager", "fused"]  # fused: the compiled CPU selection kernel (tests/test_indexer_kernel.py)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["mla", "gqa"])
-def test_incremental_and_chunked_prefill_match_full_forward(kind):
-    model, ids = make(kind), ids_of(64)
+def test_incremental_and_chunked_prefill_match_full_forward(kind, impl):
+    model, ids = make(kind, indexer_implementation=impl), ids_of(64)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         for splits in ([40], [17, 30, 31], [1, 2, 3]):  # any split of the prompt, then token by token
@@ -141,16 +145,18 @@ def test_incremental_and_chunked_prefill_match_full_forward(kind):
             assert (torch.cat(pieces, 1) - full).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["mla", "gqa"])
-def test_cached_generation_equals_uncached(kind):
-    model, ids = make(kind), ids_of(40)
+def test_cached_generation_equals_uncached(kind, impl):
+    model, ids = make(kind, indexer_implementation=impl), ids_of(40)
     kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
     assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["mla", "gqa"])
-def test_left_padded_batch_equals_each_alone_long_prompts(kind):
-    model = make(kind)
+def test_left_padded_batch_equals_each_alone_long_prompts(kind, impl):
+    model = make(kind, indexer_implementation=impl)
     a, b = ids_of(300, 1, seed=5)[0], ids_of(213, 1, seed=6)[0]
     batch = torch.zeros(2, 300, dtype=torch.long)
     mask = torch.zeros(2, 300, dtype=torch.long)

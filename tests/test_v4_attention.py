@@ -124,8 +124,12 @@ def test_layer_matches_float64_spec_recomputation(layer):
     assert (ours.double() - ref).abs().max().item() < 1e-5
 
 
-def test_incremental_and_chunked_prefill_match_full_forward():
-    model, ids = make(), ids_of(45)
+IMPLS = ["eager", "fused"]  # fused: the compiled CPU selection kernel (tests/test_indexer_kernel.py)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_incremental_and_chunked_prefill_match_full_forward(impl):
+    model, ids = make(indexer_implementation=impl), ids_of(45)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         for splits in ([30], [13, 22], [1, 2, 3]):
@@ -136,14 +140,16 @@ def test_incremental_and_chunked_prefill_match_full_forward():
             assert (torch.cat(pieces, 1) - full).abs().max().item() <= 1e-5
 
 
-def test_cached_generation_equals_uncached():
-    model, ids = make(), ids_of(29)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cached_generation_equals_uncached(impl):
+    model, ids = make(indexer_implementation=impl), ids_of(29)
     kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
     assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
 
 
-def test_left_padded_batch_equals_each_alone_prompts_ending_mid_block():
-    model = make()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_left_padded_batch_equals_each_alone_prompts_ending_mid_block(impl):
+    model = make(indexer_implementation=impl)
     a, b = ids_of(303, 1, seed=5)[0], ids_of(258, 1, seed=6)[0]  # 303 % 4 == 3, 258 % 8 == 2
     batch = torch.zeros(2, 303, dtype=torch.long)
     mask = torch.zeros(2, 303, dtype=torch.long)

@@ -1,0 +1,324 @@
+/* Fused lightning-indexer top-k for CPUs: scores and selects in one pass, never materialising the [L, T]
+ * score matrix (that matrix, and the passes over it, cost more than the multiply-adds; bench/indexer_costs.py).
+ *
+ *   I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s]),   top-k over visible s, ties -> the later s
+ *
+ * q and k are rounded to bfloat16 (round to nearest even) and their products accumulated in float32, as the
+ * official V3.2 kernel does with even coarser FP8 inputs. On CPUs with AMX the dot products run on the tile
+ * unit; elsewhere a portable loop computes the same rounded products. Keys are scanned from the latest
+ * position backwards, so the tie rule is a strict ">" against the k-th best held so far (a min-heap ordered by
+ * (score, position)) and rows where every score is 0 cost no more than any other row.
+ *
+ * Built by seekv4/modeling/indexer_kernel.py with the system C compiler; called through ctypes (which
+ * releases the GIL, so Python threads run query ranges in parallel).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) || defined(__AMX_TILE__)
+#include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
+#define SEEKV4_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#define KEY_TILE 32 /* keys scored per step (two 16-wide AMX tiles) */
+#define ROW_TILE 32 /* query-head rows per tile-unit step (two 16-row AMX tiles) */
+#ifndef GROUP_ROWS
+#define GROUP_ROWS 128 /* query-head rows that share each key tile while it is in L1 */
+#endif
+
+static uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static float from_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* ---- key packing ---------------------------------------------------------------------------------------- */
+
+int seekv4_padded_dim(int d) { return (d + 31) / 32 * 32; }
+long seekv4_padded_keys(long t) { return (t + KEY_TILE - 1) / KEY_TILE * KEY_TILE; }
+
+/* keys [T, D] float32 -> bf16 in AMX "VNNI" order: for each 16-key tile and each 32-dim chunk, 16 rows of
+ * (16 keys x 2 adjacent dims). Zero padded to seekv4_padded_keys(T) keys and seekv4_padded_dim(D) dims. */
+void seekv4_pack_keys(const float *keys, long t, int d, uint16_t *out) {
+    int dp = seekv4_padded_dim(d), chunks = dp / 32;
+    long tp = seekv4_padded_keys(t);
+    for (long j = 0; j < tp / 16; j++)
+        for (int c = 0; c < chunks; c++) {
+            uint16_t *tile = out + ((j * chunks + c) * 16) * 32;
+            for (int p = 0; p < 16; p++)
+                for (int n = 0; n < 16; n++)
+                    for (int e = 0; e < 2; e++) {
+                        long key = j * 16 + n;
+                        int dim = c * 32 + 2 * p + e;
+                        tile[p * 32 + n * 2 + e] = (key < t && dim < d) ? to_bf16(keys[key * d + dim]) : 0;
+                    }
+        }
+}
+
+/* ---- per-query top-k heap: min-heap on (score, position), the root is the entry to evict -------------------- */
+
+typedef struct {
+    float s;
+    int64_t p;
+} entry;
+
+static int worse(entry a, entry b) { return (a.s < b.s) | ((a.s == b.s) & (a.p < b.p)); }
+
+/* Put x in the heap's root slot and restore the order. The child choice compiles to conditional moves, so a
+ * replacement costs about one mispredicted branch rather than one per level. */
+static void replace_root(entry *h, int n, entry x) {
+    int i = 0;
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1;
+        if (l >= n) break;
+        int m = (r < n && worse(h[r], h[l])) ? r : l;
+        if (!worse(h[m], x)) break;
+        h[i] = h[m];
+        i = m;
+    }
+    h[i] = x;
+}
+
+static void sift_down(entry *h, int n, int i) {
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && worse(h[l], h[m])) m = l;
+        if (r < n && worse(h[r], h[m])) m = r;
+        if (m == i) return;
+        entry t = h[i];
+        h[i] = h[m];
+        h[m] = t;
+        i = m;
+    }
+}
+
+static void sift_up(entry *h, int i) {
+    while (i > 0) {
+        int parent = (i - 1) / 2;
+        if (!worse(h[i], h[parent])) return;
+        entry t = h[i];
+        h[i] = h[parent];
+        h[parent] = t;
+        i = parent;
+    }
+}
+
+/* Offer the keys base + n whose bit n is set in `mask` (latest first) with scores s[n]. */
+static void offer(entry *h, int *count, int k, const float *s, int64_t base, uint32_t mask) {
+    while (mask) {
+        int n = 31 - __builtin_clz(mask);
+        mask &= ~(1u << n);
+        float v = s[n];
+        if (*count < k) {
+            h[*count].s = v;
+            h[*count].p = base + n;
+            sift_up(h, (*count)++);
+        } else if (v > h[0].s) { /* equal scores: the held one is later, it stays */
+            entry x = {v, base + n};
+            replace_root(h, k, x);
+        }
+    }
+}
+
+/* Heap -> out[k] sorted by score desc, later position first on ties; -1 fills the missing. */
+static void drain(entry *h, int count, int k, int64_t *out) {
+    for (int i = count; i < k; i++) out[i] = -1;
+    for (int n = count; n > 0; n--) {
+        out[n - 1] = h[0].p;
+        h[0] = h[n - 1];
+        sift_down(h, n - 1, 0);
+    }
+}
+
+/* ---- scoring ---------------------------------------------------------------------------------------------- */
+
+#ifdef SEEKV4_AMX
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tile_config;
+
+static int amx_ready = -1;
+
+int seekv4_amx_enable(void) {
+    if (amx_ready < 0) amx_ready = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return amx_ready;
+}
+
+/* rows [ROW_TILE x dp] bf16 (row stride dp) x one KEY_TILE of packed keys -> c[ROW_TILE][KEY_TILE] float32,
+ * c's rows `ld` floats apart */
+static void amx_block(const uint16_t *rows, const uint16_t *ktile, int chunks, float *c, int ld) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int ch = 0; ch < chunks; ch++) {
+        _tile_loadd(4, rows + ch * 32, chunks * 64);
+        _tile_loadd(5, rows + 16 * chunks * 32 + ch * 32, chunks * 64);
+        _tile_loadd(6, ktile + ch * 512, 64);
+        _tile_loadd(7, ktile + (chunks + ch) * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, ld * 4);
+    _tile_stored(1, c + 16, ld * 4);
+    _tile_stored(2, c + 16 * ld, ld * 4);
+    _tile_stored(3, c + 16 * ld + 16, ld * 4);
+}
+#else
+int seekv4_amx_enable(void) { return 0; }
+#endif
+
+/* Same products as the AMX path (bf16 inputs, float32 sums) from the same packed layouts; kf is scratch for
+ * the key tile in float32 [dp][KEY_TILE]. */
+static void portable_block(const uint16_t *rows, const uint16_t *ktile, int chunks, float *c, int ld, float *kf) {
+    for (int ch = 0; ch < chunks; ch++)
+        for (int half = 0; half < 2; half++) {
+            const uint16_t *t = ktile + (half * chunks + ch) * 512;
+            for (int p = 0; p < 16; p++)
+                for (int n = 0; n < 16; n++)
+                    for (int e = 0; e < 2; e++)
+                        kf[(ch * 32 + 2 * p + e) * KEY_TILE + half * 16 + n] = from_bf16(t[p * 32 + 2 * n + e]);
+        }
+    for (int r = 0; r < ROW_TILE; r++) {
+        float acc[KEY_TILE] = {0};
+        for (int e = 0; e < chunks * 32; e++) {
+            float a = from_bf16(rows[r * chunks * 32 + e]);
+            for (int n = 0; n < KEY_TILE; n++) acc[n] += a * kf[e * KEY_TILE + n];
+        }
+        memcpy(c + r * ld, acc, sizeof acc);
+    }
+}
+
+/* Rank the scores of key tile j (c [group * h rows][KEY_TILE]) into the heaps of queries g0 .. g0 + gn - 1. */
+static void rank_tile(const float *c, long j, long g0, int gn, int h, int k, long t, const int64_t *limit,
+                      const uint8_t *valid, const float *w, entry *heaps, int *counts) {
+    int64_t base = j * KEY_TILE;
+    for (int i = 0; i < gn; i++) {
+        int64_t lim = limit[g0 + i] < t - 1 ? limit[g0 + i] : t - 1;
+        if (lim < base) continue;
+        const float *wi = w + (g0 + i) * (long)h, *ci = c + (size_t)i * h * KEY_TILE;
+        entry *hi = heaps + (size_t)i * k;
+        int fill = counts[i] < k;
+        float s[KEY_TILE];
+#ifdef __AVX512F__
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), z = _mm512_setzero_ps();
+        for (int r = 0; r < h; r++) {
+            __m512 wr = _mm512_set1_ps(wi[r]);
+            s0 = _mm512_fmadd_ps(wr, _mm512_max_ps(_mm512_loadu_ps(ci + r * KEY_TILE), z), s0);
+            s1 = _mm512_fmadd_ps(wr, _mm512_max_ps(_mm512_loadu_ps(ci + r * KEY_TILE + 16), z), s1);
+        }
+        uint32_t mask = lim - base >= KEY_TILE - 1 ? 0xffffffffu : (1u << (lim - base + 1)) - 1u;
+        if (!fill) {
+            __m512 thr = _mm512_set1_ps(hi[0].s);
+            mask &= (uint32_t)_mm512_cmp_ps_mask(s0, thr, _CMP_GT_OQ) |
+                    (uint32_t)_mm512_cmp_ps_mask(s1, thr, _CMP_GT_OQ) << 16;
+        }
+        if (!mask) continue;
+        _mm512_storeu_ps(s, s0);
+        _mm512_storeu_ps(s + 16, s1);
+#else
+        for (int n = 0; n < KEY_TILE; n++) s[n] = 0.f;
+        for (int r = 0; r < h; r++)
+            for (int n = 0; n < KEY_TILE; n++) {
+                float x = ci[r * KEY_TILE + n];
+                s[n] = fmaf(wi[r], x > 0.f ? x : 0.f, s[n]);
+            }
+        uint32_t mask = lim - base >= KEY_TILE - 1 ? 0xffffffffu : (1u << (lim - base + 1)) - 1u;
+        if (!fill)
+            for (int n = 0; n < KEY_TILE; n++)
+                if (!(s[n] > hi[0].s)) mask &= ~(1u << n);
+#endif
+        if (valid)
+            for (int n = 0; n < KEY_TILE; n++)
+                if ((mask >> n & 1u) && !valid[base + n]) mask &= ~(1u << n);
+        if (mask) offer(hi, counts + i, k, s, base, mask);
+    }
+}
+
+/* Top-k for queries [q0, q1) of one sequence.
+ *   q [L, H, D] float32, w [L, H] float32 (scales folded in), packed keys from seekv4_pack_keys (t keys),
+ *   limit [L]: the last visible key of each query (its cache index), valid [t] or NULL: key padding mask,
+ *   out [L, k] int64 (only rows q0..q1-1 written). use_amx: 1 = tile unit (after seekv4_amx_enable), 0 = portable.
+ * Returns 0, or -1 when memory runs out. */
+int seekv4_indexer_topk(const float *q, const float *w, const uint16_t *kpack, long t, int h, int d,
+                        const int64_t *limit, const uint8_t *valid, int k, long q0, long q1, int64_t *out,
+                        int use_amx) {
+    int dp = seekv4_padded_dim(d), chunks = dp / 32;
+    int group = h >= GROUP_ROWS ? 1 : GROUP_ROWS / h;        /* queries per step */
+    int rows = (group * h + ROW_TILE - 1) / ROW_TILE * ROW_TILE; /* their head rows, padded */
+    uint16_t *qb = calloc((size_t)rows * dp, 2);
+    float *c = malloc((size_t)2 * rows * KEY_TILE * 4); /* two tiles' scores: see the pipelining below */
+    float *kf = malloc((size_t)dp * KEY_TILE * 4);
+    entry *heaps = malloc((size_t)group * k * sizeof(entry));
+    int *counts = malloc((size_t)group * sizeof(int));
+    if (!qb || !c || !kf || !heaps || !counts) {
+        free(qb), free(c), free(kf), free(heaps), free(counts);
+        return -1;
+    }
+#ifdef SEEKV4_AMX
+    if (use_amx) {
+        tile_config cfg = {0};
+        cfg.palette_id = 1;
+        for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+        _tile_loadconfig(&cfg);
+    }
+#endif
+    for (long g0 = q0; g0 < q1; g0 += group) {
+        int gn = (int)(q1 - g0 < group ? q1 - g0 : group);
+        memset(qb, 0, (size_t)rows * dp * 2);
+        int64_t top = -1;
+        for (int i = 0; i < gn; i++) {
+            for (int r = 0; r < h; r++)
+                for (int e = 0; e < d; e++) qb[(size_t)(i * h + r) * dp + e] = to_bf16(q[((g0 + i) * h + r) * (long)d + e]);
+            int64_t lim = limit[g0 + i] < t - 1 ? limit[g0 + i] : t - 1;
+            if (lim > top) top = lim;
+            counts[i] = 0;
+        }
+        /* Latest keys first. Software-pipelined: tile j is scored (into one half of c) before tile j + 1's scores
+         * are read back (from the other), so the tile unit works while the vector code ranks. */
+        long first = top < 0 ? -1 : top / KEY_TILE;
+        for (long j = first; j >= -1; j--) {
+            if (j >= 0) {
+                const uint16_t *ktile = kpack + (size_t)j * 2 * chunks * 512;
+                float *cj = c + (size_t)(j & 1) * rows * KEY_TILE;
+                for (int r0 = 0; r0 < rows; r0 += ROW_TILE) {
+#ifdef SEEKV4_AMX
+                    if (use_amx) amx_block(qb + (size_t)r0 * dp, ktile, chunks, cj + (size_t)r0 * KEY_TILE, KEY_TILE);
+                    else
+#endif
+                        portable_block(qb + (size_t)r0 * dp, ktile, chunks, cj + (size_t)r0 * KEY_TILE, KEY_TILE, kf);
+                }
+            }
+            if (j < first) rank_tile(c + (size_t)((j + 1) & 1) * rows * KEY_TILE, j + 1, g0, gn, h, k, t, limit, valid, w,
+                                     heaps, counts);
+        }
+        for (int i = 0; i < gn; i++) drain(heaps + (size_t)i * k, counts[i], k, out + (g0 + i) * (long)k);
+    }
+#ifdef SEEKV4_AMX
+    if (use_amx) _tile_release();
+#endif
+    free(qb), free(c), free(kf), free(heaps), free(counts);
+    return 0;
+}

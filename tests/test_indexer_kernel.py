@@ -1,0 +1,121 @@
+"""The fused CPU indexer kernel (modeling/indexer_topk.c) against the eager float32 selection.
+
+With q, k and w on a coarse dyadic grid every bf16 rounding and float32 sum is exact, so both paths compute
+identical scores and must pick identical sets, ties (common on such a grid) included. On random inputs the
+kernel's bf16 products may reorder near-equal scores; there the picks must still mostly agree.
+"""
+import pytest
+import torch
+from types import SimpleNamespace
+
+from seekv4 import SeekV4Config
+from seekv4.modeling import indexer_kernel
+from seekv4.modeling.attention_v4 import V4Indexer
+from seekv4.modeling.indexer import LightningIndexer
+from seekv4.modeling.indexer_kernel import IndexerKernelError, fused_topk
+
+PATHS = [True, False] if indexer_kernel.uses_amx() else [False]  # tile unit and portable loop
+
+
+def grid(*shape, scale=4, generator=None):
+    return torch.randint(-3, 4, shape, generator=generator).float() / scale
+
+
+def eager_indexer(h, d, k):
+    cfg = SimpleNamespace(index_n_heads=h, index_head_dim=d, index_rope_head_dim=2, index_topk=k, hidden_size=8,
+                          indexer_implementation="eager")
+    return LightningIndexer(cfg, 8)
+
+
+def as_sets(idx):
+    return idx.sort(-1).values
+
+
+@pytest.mark.parametrize("amx", PATHS)
+@pytest.mark.parametrize("h,d,length,k", [(2, 64, 300, 16), (4, 16, 257, 8), (3, 40, 100, 5), (64, 128, 70, 20),
+                                          (1, 8, 33, 40)])
+def test_picks_equal_eager_on_exact_grid(amx, h, d, length, k):
+    g = torch.Generator().manual_seed(h * 1000 + d)
+    q, w, keys = grid(2, length, h, d, generator=g), grid(2, length, h, scale=2, generator=g), grid(2, length, d, generator=g)
+    pos = torch.arange(length)[None]
+    ref = eager_indexer(h, d, k).select(q, w, keys, pos, None)
+    got = fused_topk(q, w, keys, pos, None, min(k, length), amx=amx)
+    assert got.shape == ref.shape
+    assert torch.equal(as_sets(got), as_sets(ref))
+    # best first; equal scores -> later position first (the eager tie rule)
+    scores = LightningIndexer.score(q, w, keys)
+    picked = scores.gather(-1, got.clamp(min=0)).masked_fill(got < 0, float("-inf"))
+    assert (picked[..., :-1] >= picked[..., 1:]).all()
+    tie = picked[..., :-1] == picked[..., 1:]
+    assert (got[..., :-1][tie & (got[..., 1:] >= 0)] > got[..., 1:][tie & (got[..., 1:] >= 0)]).all()
+
+
+@pytest.mark.parametrize("amx", PATHS)
+def test_all_zero_rows_take_the_latest_keys(amx):
+    """Negative head weights with positive dot products: every score is 0, the k latest visible keys win."""
+    q, keys = torch.ones(1, 50, 2, 16), torch.ones(1, 50, 16)
+    w = -torch.ones(1, 50, 2)
+    got = fused_topk(q, w, keys, torch.arange(50)[None], None, 4, amx=amx)
+    expect = torch.stack([torch.tensor([t - j if t - j >= 0 else -1 for j in range(4)]) for t in range(50)])
+    assert torch.equal(got[0], expect)
+
+
+@pytest.mark.parametrize("amx", PATHS)
+def test_padding_and_decode_positions_match_eager(amx):
+    """Queries at arbitrary cache positions (decode / chunked prefill) and padded keys (left-padded batches)."""
+    g = torch.Generator().manual_seed(3)
+    b, length, t, h, d, k = 2, 7, 90, 2, 32, 12
+    q, w, keys = grid(b, length, h, d, generator=g), grid(b, length, h, scale=2, generator=g), grid(b, t, d, generator=g)
+    pos = torch.tensor([[10, 11, 40, 41, 80, 88, 89]])
+    pad = torch.ones(b, t, dtype=torch.bool)
+    pad[1, :37] = False
+    pad[0, 50:53] = False
+    ref = eager_indexer(h, d, k).select(q, w, keys, pos, pad)
+    got = fused_topk(q, w, keys, pos, pad, k, amx=amx)
+    assert torch.equal(as_sets(got), as_sets(ref))
+    assert (got[1, 0] == -1).all()  # query at 10 sees only padding
+
+
+def test_v4_selection_matches_eager_on_exact_grid():
+    g = torch.Generator().manual_seed(5)
+    q, w, keys = grid(2, 40, 4, 16, generator=g), grid(2, 40, 4, scale=2, generator=g), grid(2, 12, 16, generator=g)
+    limit = (torch.arange(40)[None].expand(2, 40) + 1) // 4  # CSA: entries i < (t + 1) // 4 are complete
+    ref = V4Indexer.select(q, w, keys, limit, 6)
+    got = V4Indexer.select(q, w, keys, limit, 6, "fused")
+    assert torch.equal(as_sets(got), as_sets(ref))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_random_inputs_mostly_agree_and_threads_do_not_change_the_result(threads):
+    g = torch.Generator().manual_seed(0)
+    q, w, keys = torch.randn(1, 600, 2, 64, generator=g), torch.randn(1, 600, 2, generator=g), torch.randn(1, 600, 64, generator=g)
+    pos = torch.arange(600)[None]
+    ref = eager_indexer(2, 64, 16).select(q, w, keys, pos, None)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = fused_topk(q, w, keys, pos, None, 16)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(got, fused_topk(q, w, keys, pos, None, 16))
+    kept = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ref[0], got[0])) / ref[0].numel()
+    assert kept > 0.98, kept
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(indexer_kernel, "_LIB", None)
+    monkeypatch.setenv("SEEKV4_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(IndexerKernelError, match="needs a C compiler.*indexer_implementation='eager'"):
+        indexer_kernel.library()
+
+
+def test_non_cpu_tensors_are_refused():
+    q = torch.zeros(1, 2, 2, 8, device="meta")
+    with pytest.raises(IndexerKernelError, match="CPU kernel.*indexer_implementation='eager'"):
+        fused_topk(q, q[..., 0], q[:, :, 0], torch.arange(2)[None], None, 1)
+
+
+def test_unknown_implementation_is_rejected():
+    with pytest.raises(ValueError, match="indexer_implementation"):
+        SeekV4Config.from_preset("tiny-deepseek-v3.2", indexer_implementation="triton")
