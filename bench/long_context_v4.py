@@ -81,8 +81,10 @@ PORT_CONFIG = dict(  # the transformers twin of the preset (see tests/test_parit
                      "beta_fast": 32, "beta_slow": 1},
     rope_theta=10000.0, compress_rope_theta=160000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
-V4_FILES = ("modeling/attention_v4.py", "modeling/compressor.py", "modeling/indexer.py", "modeling/sparse_attention.py",
-            "modeling/residual.py", "modeling/moe.py", "modeling/modeling_seekv4.py")
+V4_FILES = ("modeling/attention_v4.py", "modeling/compressor.py", "modeling/indexer.py", "modeling/indexer_kernel.py",
+            "modeling/indexer_topk.c", "modeling/sparse_attention.py", "modeling/residual.py", "modeling/moe.py",
+            "modeling/modeling_seekv4.py")
+INDEXER = "fused"  # config.indexer_implementation of seekv4's CSA layers; set by --indexer / the worker spec
 TIMES = lc.TIMES  # filled by lc._timed wrappers
 
 
@@ -120,7 +122,7 @@ def build_seekv4():
     import seekv4
 
     torch.manual_seed(0)
-    cfg = seekv4.SeekV4Config.from_preset(PRESET, max_position_embeddings=MAX_POS)
+    cfg = seekv4.SeekV4Config.from_preset(PRESET, max_position_embeddings=MAX_POS, indexer_implementation=INDEXER)
     return tag_index_compressors(seekv4.SeekV4ForCausalLM(cfg).eval())
 
 
@@ -150,6 +152,7 @@ def build_port():
     # intermediate_size is unused by an all-MoE model; the FP8 block only matters with kv_cache_dtype=fp8_e4m3
     diff = {k for k, v in ours.config.to_dict().items() if ref.get(k) != v} - {"intermediate_size", "kv_cache_fp8_block"}
     assert not diff, f"port config differs from preset {PRESET}: {diff}"
+    ours.config.indexer_implementation = INDEXER
     return src, tag_index_compressors(ours)
 
 
@@ -257,8 +260,10 @@ def limit_memory(gib: float) -> None:
 
 
 def worker_main(spec: dict) -> None:
+    global INDEXER
     import seekv4.modeling  # noqa: F401  (import first, then hash what was imported)
 
+    INDEXER = spec["indexer"]
     code = lc.code_hash(V4_FILES)
     torch.set_num_threads(spec["threads"])
     limit_memory(spec.get("mem_limit_gib", 0))
@@ -313,6 +318,8 @@ def main(argv=None):
     p.add_argument("--mem-limit-gib", type=float,
                    help="cap on each worker's address-space growth (default: MemAvailable at start - 1; 0: none)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--indexer", choices=["fused", "eager"], default="fused",
+                   help="config.indexer_implementation of seekv4's CSA layers (port rows are unaffected)")
     a = p.parse_args(argv)
     if a.worker:
         return worker_main(json.loads(a.worker))
@@ -328,7 +335,7 @@ def main(argv=None):
 
     import seekv4
 
-    base = {"threads": a.threads, "mem_limit_gib": mem_gib}
+    base = {"threads": a.threads, "mem_limit_gib": mem_gib, "indexer": a.indexer}
     t_start = time.perf_counter()
     print(f"# seekv4 DeepSeek-V4 attention long-context benchmark ({datetime.datetime.now():%Y-%m-%d %H:%M})")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}, "
@@ -345,7 +352,8 @@ def main(argv=None):
     cfg = seekv4.SeekV4Config.from_preset(PRESET, max_position_embeddings=MAX_POS)
     print(f"model: preset {PRESET} (max_position_embeddings={MAX_POS}; attention {cfg.attention_sparsity}, window "
           f"{cfg.sliding_window}, CSA {cfg.csa_compress_ratio}:1 top-{cfg.index_topk}, HCA {cfg.hca_compress_ratio}:1, "
-          f"ffn {cfg.ffn_types}, residual {cfg.residual_kind} x{cfg.hc_mult}), float32, batch 1, inference_mode, "
+          f"ffn {cfg.ffn_types}, residual {cfg.residual_kind} x{cfg.hc_mult}), indexer_implementation={a.indexer}, "
+          f"float32, batch 1, inference_mode, "
           f"use_cache=True, logits_to_keep=1; command: python bench/long_context_v4.py {' '.join(sys.argv[1:])}")
     print()
 

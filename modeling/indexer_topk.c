@@ -28,6 +28,9 @@
 
 #define KEY_TILE 32 /* keys scored per step (two 16-wide AMX tiles) */
 #define ROW_TILE 32 /* query-head rows per tile-unit step (two 16-row AMX tiles) */
+#ifndef LAG
+#define LAG 2 /* key tiles between scoring a tile and ranking it */
+#endif
 #ifndef GROUP_ROWS
 #define GROUP_ROWS 128 /* query-head rows that share each key tile while it is in L1 */
 #endif
@@ -190,9 +193,9 @@ static void amx_block(const uint16_t *rows, const uint16_t *ktile, int chunks, f
 int seekv4_amx_enable(void) { return 0; }
 #endif
 
-/* Same products as the AMX path (bf16 inputs, float32 sums) from the same packed layouts; kf is scratch for
- * the key tile in float32 [dp][KEY_TILE]. */
-static void portable_block(const uint16_t *rows, const uint16_t *ktile, int chunks, float *c, int ld, float *kf) {
+/* Portable path (no AMX): the same rounded products with float32 sums, vectorised by the compiler.
+ * unpack_tile: one packed key tile -> kf [dp][KEY_TILE] float32 (once per tile, shared by all row blocks). */
+static void unpack_tile(const uint16_t *ktile, int chunks, float *kf) {
     for (int ch = 0; ch < chunks; ch++)
         for (int half = 0; half < 2; half++) {
             const uint16_t *t = ktile + (half * chunks + ch) * 512;
@@ -201,13 +204,47 @@ static void portable_block(const uint16_t *rows, const uint16_t *ktile, int chun
                     for (int e = 0; e < 2; e++)
                         kf[(ch * 32 + 2 * p + e) * KEY_TILE + half * 16 + n] = from_bf16(t[p * 32 + 2 * n + e]);
         }
-    for (int r = 0; r < ROW_TILE; r++) {
-        float acc[KEY_TILE] = {0};
-        for (int e = 0; e < chunks * 32; e++) {
-            float a = from_bf16(rows[r * chunks * 32 + e]);
-            for (int n = 0; n < KEY_TILE; n++) acc[n] += a * kf[e * KEY_TILE + n];
+}
+
+/* q rows [ROW_TILE][dp] float32 (bf16 values) x kf -> c[ROW_TILE][KEY_TILE], rows `ld` apart. Eight named
+ * accumulators of the machine's vector width (4 rows x 2 vectors of 16 with AVX-512, else 2 rows x 4 of 8) stay in
+ * registers (compilers spill arrays of vectors here), so each key vector loaded feeds several rows. */
+#ifdef __AVX512F__
+typedef float vf __attribute__((vector_size(64)));
+#define RB 4
+#else
+typedef float vf __attribute__((vector_size(32)));
+#define RB 2
+#endif
+
+static void portable_block(const float *qrows, int dp, const float *kf, float *c, int ld) {
+    for (int r = 0; r < ROW_TILE; r += RB) {
+        const float *q = qrows + (size_t)r * dp;
+        float *o = c + (size_t)r * ld;
+#ifdef __AVX512F__
+        vf acc00 = {0}, acc01 = {0}, acc10 = {0}, acc11 = {0}, acc20 = {0}, acc21 = {0}, acc30 = {0}, acc31 = {0}, k0, k1;
+        for (int e = 0; e < dp; e++) {
+            const float *kr = kf + (size_t)e * KEY_TILE;
+            memcpy(&k0, kr, 64), memcpy(&k1, kr + 16, 64);
+            float x0 = q[e], x1 = q[dp + e], x2 = q[2 * dp + e], x3 = q[3 * dp + e];
+            acc00 += x0 * k0, acc01 += x0 * k1, acc10 += x1 * k0, acc11 += x1 * k1;
+            acc20 += x2 * k0, acc21 += x2 * k1, acc30 += x3 * k0, acc31 += x3 * k1;
         }
-        memcpy(c + r * ld, acc, sizeof acc);
+        memcpy(o, &acc00, 64), memcpy(o + 16, &acc01, 64), memcpy(o + ld, &acc10, 64), memcpy(o + ld + 16, &acc11, 64);
+        memcpy(o + 2 * ld, &acc20, 64), memcpy(o + 2 * ld + 16, &acc21, 64);
+        memcpy(o + 3 * ld, &acc30, 64), memcpy(o + 3 * ld + 16, &acc31, 64);
+#else
+        vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0}, k0, k1, k2, k3;
+        for (int e = 0; e < dp; e++) {
+            const float *kr = kf + (size_t)e * KEY_TILE;
+            memcpy(&k0, kr, 32), memcpy(&k1, kr + 8, 32), memcpy(&k2, kr + 16, 32), memcpy(&k3, kr + 24, 32);
+            float x0 = q[e], x1 = q[dp + e];
+            a0 += x0 * k0, a1 += x0 * k1, a2 += x0 * k2, a3 += x0 * k3;
+            b0 += x1 * k0, b1 += x1 * k1, b2 += x1 * k2, b3 += x1 * k3;
+        }
+        memcpy(o, &a0, 32), memcpy(o + 8, &a1, 32), memcpy(o + 16, &a2, 32), memcpy(o + 24, &a3, 32);
+        memcpy(o + ld, &b0, 32), memcpy(o + ld + 8, &b1, 32), memcpy(o + ld + 16, &b2, 32), memcpy(o + ld + 24, &b3, 32);
+#endif
     }
 }
 
@@ -269,12 +306,12 @@ int seekv4_indexer_topk(const float *q, const float *w, const uint16_t *kpack, l
     int group = h >= GROUP_ROWS ? 1 : GROUP_ROWS / h;        /* queries per step */
     int rows = (group * h + ROW_TILE - 1) / ROW_TILE * ROW_TILE; /* their head rows, padded */
     uint16_t *qb = calloc((size_t)rows * dp, 2);
-    float *c = malloc((size_t)2 * rows * KEY_TILE * 4); /* two tiles' scores: see the pipelining below */
-    float *kf = malloc((size_t)dp * KEY_TILE * 4);
+    float *c = malloc((size_t)(LAG + 1) * rows * KEY_TILE * 4); /* scores of LAG + 1 tiles: see the pipelining */
+    float *kf = malloc((size_t)dp * KEY_TILE * 4), *qf = malloc((size_t)rows * dp * 4); /* portable path only */
     entry *heaps = malloc((size_t)group * k * sizeof(entry));
     int *counts = malloc((size_t)group * sizeof(int));
-    if (!qb || !c || !kf || !heaps || !counts) {
-        free(qb), free(c), free(kf), free(heaps), free(counts);
+    if (!qb || !c || !kf || !qf || !heaps || !counts) {
+        free(qb), free(c), free(kf), free(qf), free(heaps), free(counts);
         return -1;
     }
 #ifdef SEEKV4_AMX
@@ -296,29 +333,35 @@ int seekv4_indexer_topk(const float *q, const float *w, const uint16_t *kpack, l
             if (lim > top) top = lim;
             counts[i] = 0;
         }
-        /* Latest keys first. Software-pipelined: tile j is scored (into one half of c) before tile j + 1's scores
-         * are read back (from the other), so the tile unit works while the vector code ranks. */
+        if (!use_amx)
+            for (size_t e = 0; e < (size_t)rows * dp; e++) qf[e] = from_bf16(qb[e]);
+        /* Latest keys first. Software-pipelined over a ring of LAG + 1 score buffers: tile j is scored before the
+         * scores of tile j + LAG are read back, so the tile unit works while the vector code ranks, and the
+         * loads never overtake the (slow) tile stores they depend on. */
         long first = top < 0 ? -1 : top / KEY_TILE;
-        for (long j = first; j >= -1; j--) {
+        for (long j = first; j >= -LAG; j--) {
             if (j >= 0) {
                 const uint16_t *ktile = kpack + (size_t)j * 2 * chunks * 512;
-                float *cj = c + (size_t)(j & 1) * rows * KEY_TILE;
+                float *cj = c + (size_t)(j % (LAG + 1)) * rows * KEY_TILE;
+                if (!use_amx) unpack_tile(ktile, chunks, kf);
                 for (int r0 = 0; r0 < rows; r0 += ROW_TILE) {
 #ifdef SEEKV4_AMX
                     if (use_amx) amx_block(qb + (size_t)r0 * dp, ktile, chunks, cj + (size_t)r0 * KEY_TILE, KEY_TILE);
                     else
 #endif
-                        portable_block(qb + (size_t)r0 * dp, ktile, chunks, cj + (size_t)r0 * KEY_TILE, KEY_TILE, kf);
+                        portable_block(qf + (size_t)r0 * dp, dp, kf, cj + (size_t)r0 * KEY_TILE, KEY_TILE);
                 }
             }
-            if (j < first) rank_tile(c + (size_t)((j + 1) & 1) * rows * KEY_TILE, j + 1, g0, gn, h, k, t, limit, valid, w,
-                                     heaps, counts);
+            long jr = j + LAG;
+            if (jr <= first && jr >= 0)
+                rank_tile(c + (size_t)(jr % (LAG + 1)) * rows * KEY_TILE, jr, g0, gn, h, k, t, limit, valid, w, heaps,
+                          counts);
         }
         for (int i = 0; i < gn; i++) drain(heaps + (size_t)i * k, counts[i], k, out + (g0 + i) * (long)k);
     }
 #ifdef SEEKV4_AMX
     if (use_amx) _tile_release();
 #endif
-    free(qb), free(c), free(kf), free(heaps), free(counts);
+    free(qb), free(c), free(kf), free(qf), free(heaps), free(counts);
     return 0;
 }
