@@ -24,7 +24,8 @@ setup(
     python_requires=">=3.10",
     packages=["seekv4"] + [f"seekv4.{name.replace('/', '.')}" for name in SUBPACKAGES],
     package_dir={"seekv4": ".", **{f"seekv4.{name.replace('/', '.')}": name for name in SUBPACKAGES}},
-    package_data={"seekv4.eval": ["data/*.jsonl", "data/*.json"], "seekv4.eval.lm_eval_tasks": ["*.yaml"]},
+    package_data={"seekv4.eval": ["data/*.jsonl", "data/*.json"], "seekv4.eval.lm_eval_tasks": ["*.yaml"],
+                  "seekv4.modeling": ["*.c"]},  # the fused indexer kernel is compiled from source on first use
     install_requires=[
         "torch>=2.6",
         "transformers>=5.0,<6",

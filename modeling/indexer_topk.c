@@ -55,22 +55,42 @@ static float from_bf16(uint16_t b) {
 int seekv4_padded_dim(int d) { return (d + 31) / 32 * 32; }
 long seekv4_padded_keys(long t) { return (t + KEY_TILE - 1) / KEY_TILE * KEY_TILE; }
 
+/* 32 floats -> 32 bf16 (as 16 dwords: dims 2p, 2p + 1 in the low, high half of dword p). */
+static void to_bf16_32(const float *x, uint32_t *out) {
+#ifdef __AVX512BF16__
+    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + 16), _mm512_loadu_ps(x)); /* RNE, as to_bf16 */
+    _mm512_storeu_si512(out, (__m512i)v);
+#else
+    for (int p = 0; p < 16; p++) out[p] = (uint32_t)to_bf16(x[2 * p]) | (uint32_t)to_bf16(x[2 * p + 1]) << 16;
+#endif
+}
+
 /* keys [T, D] float32 -> bf16 in AMX "VNNI" order: for each 16-key tile and each 32-dim chunk, 16 rows of
- * (16 keys x 2 adjacent dims). Zero padded to seekv4_padded_keys(T) keys and seekv4_padded_dim(D) dims. */
-void seekv4_pack_keys(const float *keys, long t, int d, uint16_t *out) {
-    int dp = seekv4_padded_dim(d), chunks = dp / 32;
-    long tp = seekv4_padded_keys(t);
-    for (long j = 0; j < tp / 16; j++)
+ * (16 keys x 2 adjacent dims), zero padded past T keys and D dims. pack_range writes tiles [j0, j1) from out on. */
+static void pack_range(const float *keys, long t, int d, uint16_t *out, long j0, long j1) {
+    int chunks = seekv4_padded_dim(d) / 32;
+    float row[32];
+    uint32_t tmp[16][16]; /* [key n][dim pair p] of one tile and chunk, transposed into the tile below */
+    for (long j = j0; j < j1; j++)
         for (int c = 0; c < chunks; c++) {
-            uint16_t *tile = out + ((j * chunks + c) * 16) * 32;
+            for (int n = 0; n < 16; n++) {
+                long key = j * 16 + n;
+                if (key < t && c * 32 + 32 <= d) {
+                    to_bf16_32(keys + key * d + c * 32, tmp[n]);
+                } else {
+                    for (int e = 0; e < 32; e++) row[e] = key < t && c * 32 + e < d ? keys[key * d + c * 32 + e] : 0.f;
+                    to_bf16_32(row, tmp[n]);
+                }
+            }
+            uint32_t *tile = (uint32_t *)(out + (((j - j0) * chunks + c) * 16) * 32);
             for (int p = 0; p < 16; p++)
-                for (int n = 0; n < 16; n++)
-                    for (int e = 0; e < 2; e++) {
-                        long key = j * 16 + n;
-                        int dim = c * 32 + 2 * p + e;
-                        tile[p * 32 + n * 2 + e] = (key < t && dim < d) ? to_bf16(keys[key * d + dim]) : 0;
-                    }
+                for (int n = 0; n < 16; n++) tile[p * 16 + n] = tmp[n][p];
         }
+}
+
+/* The whole packed layout (seekv4_padded_keys(T) keys), tiles [j0, j1) of it (threads split the work). */
+void seekv4_pack_keys(const float *keys, long t, int d, uint16_t *out, long j0, long j1) {
+    pack_range(keys, t, d, out + (size_t)j0 * (seekv4_padded_dim(d) / 32) * 512, j0, j1);
 }
 
 /* ---- per-query top-k heap: min-heap on (score, position), the root is the entry to evict -------------------- */
@@ -139,10 +159,13 @@ static void offer(entry *h, int *count, int k, const float *s, int64_t base, uin
 }
 
 /* Heap -> out[k] sorted by score desc, later position first on ties; -1 fills the missing. */
-static void drain(entry *h, int count, int k, int64_t *out) {
+static void drain(entry *h, int count, int k, int64_t *out, float *scores) {
     for (int i = count; i < k; i++) out[i] = -1;
+    if (scores)
+        for (int i = count; i < k; i++) scores[i] = -INFINITY;
     for (int n = count; n > 0; n--) {
         out[n - 1] = h[0].p;
+        if (scores) scores[n - 1] = h[0].s;
         h[0] = h[n - 1];
         sift_down(h, n - 1, 0);
     }
@@ -295,23 +318,30 @@ static void rank_tile(const float *c, long j, long g0, int gn, int h, int k, lon
 }
 
 /* Top-k for queries [q0, q1) of one sequence.
- *   q [L, H, D] float32, w [L, H] float32 (scales folded in), packed keys from seekv4_pack_keys (t keys),
+ *   q [L, H, D] float32, w [L, H] float32 (scales folded in), packed keys from seekv4_pack_keys (t keys), or
+ *   kpack NULL and keys [t, D] float32: each tile is packed just before use (decoding: every tile is read once,
+ *   so a separate packing pass would only add a round trip through memory),
  *   limit [L]: the last visible key of each query (its cache index), valid [t] or NULL: key padding mask,
- *   out [L, k] int64 (only rows q0..q1-1 written). use_amx: 1 = tile unit (after seekv4_amx_enable), 0 = portable.
- * Returns 0, or -1 when memory runs out. */
-int seekv4_indexer_topk(const float *q, const float *w, const uint16_t *kpack, long t, int h, int d,
-                        const int64_t *limit, const uint8_t *valid, int k, long q0, long q1, int64_t *out,
-                        int use_amx) {
+ *   out [L, k] int64 (only rows q0..q1-1 written), scores [L, k] or NULL: their scores (-inf where out is -1).
+ *   Only keys >= key_lo (a multiple of 32) are considered: threads may split a few queries' keys into ranges
+ *   whose top-k the caller merges by (score, position).
+ *   use_amx: 1 = tile unit (after seekv4_amx_enable), 0 = portable.
+ * Returns 0, -1 when memory runs out, -2 when key_lo is not a multiple of 32. */
+int seekv4_indexer_topk(const float *q, const float *w, const uint16_t *kpack, const float *keys, long t, int h, int d,
+                        const int64_t *limit, const uint8_t *valid, int k, long q0, long q1, long key_lo,
+                        int64_t *out, float *scores, int use_amx) {
+    if (key_lo % KEY_TILE) return -2;
     int dp = seekv4_padded_dim(d), chunks = dp / 32;
     int group = h >= GROUP_ROWS ? 1 : GROUP_ROWS / h;        /* queries per step */
     int rows = (group * h + ROW_TILE - 1) / ROW_TILE * ROW_TILE; /* their head rows, padded */
     uint16_t *qb = calloc((size_t)rows * dp, 2);
     float *c = malloc((size_t)(LAG + 1) * rows * KEY_TILE * 4); /* scores of LAG + 1 tiles: see the pipelining */
     float *kf = malloc((size_t)dp * KEY_TILE * 4), *qf = malloc((size_t)rows * dp * 4); /* portable path only */
+    uint16_t *local = malloc((size_t)KEY_TILE * dp * 2); /* one packed tile (kpack NULL) */
     entry *heaps = malloc((size_t)group * k * sizeof(entry));
     int *counts = malloc((size_t)group * sizeof(int));
-    if (!qb || !c || !kf || !qf || !heaps || !counts) {
-        free(qb), free(c), free(kf), free(qf), free(heaps), free(counts);
+    if (!qb || !c || !kf || !qf || !local || !heaps || !counts) {
+        free(qb), free(c), free(kf), free(qf), free(local), free(heaps), free(counts);
         return -1;
     }
 #ifdef SEEKV4_AMX
@@ -324,6 +354,7 @@ int seekv4_indexer_topk(const float *q, const float *w, const uint16_t *kpack, l
 #endif
     for (long g0 = q0; g0 < q1; g0 += group) {
         int gn = (int)(q1 - g0 < group ? q1 - g0 : group);
+        int used = (gn * h + ROW_TILE - 1) / ROW_TILE * ROW_TILE; /* rows holding queries (decoding: 1 query) */
         memset(qb, 0, (size_t)rows * dp * 2);
         int64_t top = -1;
         for (int i = 0; i < gn; i++) {
@@ -338,13 +369,17 @@ int seekv4_indexer_topk(const float *q, const float *w, const uint16_t *kpack, l
         /* Latest keys first. Software-pipelined over a ring of LAG + 1 score buffers: tile j is scored before the
          * scores of tile j + LAG are read back, so the tile unit works while the vector code ranks, and the
          * loads never overtake the (slow) tile stores they depend on. */
-        long first = top < 0 ? -1 : top / KEY_TILE;
-        for (long j = first; j >= -LAG; j--) {
-            if (j >= 0) {
-                const uint16_t *ktile = kpack + (size_t)j * 2 * chunks * 512;
+        long first = top < key_lo ? -1 : top / KEY_TILE, last = key_lo / KEY_TILE;
+        for (long j = first; j >= last - LAG; j--) {
+            if (j >= last) {
+                const uint16_t *ktile = local;
+                if (kpack)
+                    ktile = kpack + (size_t)j * 2 * chunks * 512;
+                else
+                    pack_range(keys, t, d, local, 2 * j, 2 * j + 2);
                 float *cj = c + (size_t)(j % (LAG + 1)) * rows * KEY_TILE;
                 if (!use_amx) unpack_tile(ktile, chunks, kf);
-                for (int r0 = 0; r0 < rows; r0 += ROW_TILE) {
+                for (int r0 = 0; r0 < used; r0 += ROW_TILE) {
 #ifdef SEEKV4_AMX
                     if (use_amx) amx_block(qb + (size_t)r0 * dp, ktile, chunks, cj + (size_t)r0 * KEY_TILE, KEY_TILE);
                     else
@@ -353,15 +388,16 @@ int seekv4_indexer_topk(const float *q, const float *w, const uint16_t *kpack, l
                 }
             }
             long jr = j + LAG;
-            if (jr <= first && jr >= 0)
+            if (jr <= first && jr >= last)
                 rank_tile(c + (size_t)(jr % (LAG + 1)) * rows * KEY_TILE, jr, g0, gn, h, k, t, limit, valid, w, heaps,
                           counts);
         }
-        for (int i = 0; i < gn; i++) drain(heaps + (size_t)i * k, counts[i], k, out + (g0 + i) * (long)k);
+        for (int i = 0; i < gn; i++)
+            drain(heaps + (size_t)i * k, counts[i], k, out + (g0 + i) * (long)k, scores ? scores + (g0 + i) * (long)k : NULL);
     }
 #ifdef SEEKV4_AMX
     if (use_amx) _tile_release();
 #endif
-    free(qb), free(c), free(kf), free(qf), free(heaps), free(counts);
+    free(qb), free(c), free(kf), free(qf), free(local), free(heaps), free(counts);
     return 0;
 }

@@ -119,3 +119,25 @@ def test_non_cpu_tensors_are_refused():
 def test_unknown_implementation_is_rejected():
     with pytest.raises(ValueError, match="indexer_implementation"):
         SeekV4Config.from_preset("tiny-deepseek-v3.2", indexer_implementation="triton")
+
+
+@pytest.mark.parametrize("amx", PATHS)
+def test_decode_path_equals_eager(amx):
+    """A few queries over a long cache take the decode path (keys packed tile by tile inside the scan)."""
+    g = torch.Generator().manual_seed(7)
+    t, h, d, k = 9000, 2, 64, 16
+    q, w, keys = grid(1, 3, h, d, generator=g), grid(1, 3, h, scale=2, generator=g), grid(1, t, d, generator=g)
+    pos = torch.tensor([[40, 5000, t - 1]])
+    pad = torch.ones(1, t, dtype=torch.bool)
+    pad[0, 8000:8100] = False
+    ref = eager_indexer(h, d, k).select(q, w, keys, pos, pad)
+    old = torch.get_num_threads()
+    try:
+        got = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got[threads] = fused_topk(q, w, keys, pos, pad, k, amx=amx)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(got[1], got[2])
+    assert torch.equal(as_sets(got[2]), as_sets(ref))

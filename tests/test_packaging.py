@@ -21,7 +21,8 @@ def test_wheel_contents(tmp_path):
                  "eval/metrics/bucket_perplexity/bucket_perplexity.py",
                  "eval/metrics/api_recall/api_recall.py", "eval/lm_eval_tasks/seekv4_api_recall.yaml",
                  "eval/lm_eval_tasks/seekv4_code_perplexity.yaml",
-                 "eval/lm_eval_tasks/seekv4_repo_nextline.yaml", "eval/lm_eval_tasks/utils.py"):
+                 "eval/lm_eval_tasks/seekv4_repo_nextline.yaml", "eval/lm_eval_tasks/utils.py",
+                 "modeling/indexer_topk.c"):
         assert f"seekv4/{data}" in names, data
     assert "seekv4/setup.py" not in names
     assert not any(n.startswith(("seekv4/tests", "seekv4/bench", "tests/", "bench/")) for n in names)
