@@ -14,7 +14,7 @@ class RMSNorm(nn.Module):
         x = x.float()
         # vector_norm reads x once; mean(x.pow(2)) would first write a full-size x² (at long context every
         # full-size temporary is a fresh mapping the OS must fault in)
-        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_() / x.shape[-1]
+        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]
         y = (x * torch.rsqrt(ms + self.variance_epsilon)).to(dtype)
         if torch.is_grad_enabled() and (y.requires_grad or self.weight.requires_grad):
             return self.weight * y
