@@ -6,7 +6,9 @@ Prints, for the index shape of `--shape h256` in bench/long_context.py (2 index 
 query-key pair (S·(S+1)/2 pairs); the dense attention it is compared with in RESULTS is long_context's
 "dense main attn" column (4 layers):
   1. lightning-indexer selection (`LightningIndexer.select`, random inputs) and the share of its batched
-     score matmul (`aten::bmm`, from torch.profiler);
+     score matmul (`aten::bmm`, from torch.profiler); then the same selection with indexer_implementation="fused"
+     (modeling/indexer_kernel.py: bf16 products on AMX where present, streaming top-k) and how many of the eager
+     float32 picks it keeps;
   2. bf16 (AMX) scores vs float32 on one [256 queries x 16384 keys] chunk: time of the score + weighted sum, and
      how many of the float32 top-16 picks the bf16 scores keep;
   3. the sparse kernel alone at the `tiny` shape (latent 32 + RoPE 8, 4 heads, top-16) at 8k and 32k.
@@ -46,7 +48,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     print(f"# indexer / dense attention costs, S={s}, threads={a.threads}, torch {torch.__version__}")
 
-    cfg = SimpleNamespace(index_n_heads=2, index_head_dim=64, index_rope_head_dim=32, index_topk=16, hidden_size=256)
+    cfg = SimpleNamespace(index_n_heads=2, index_head_dim=64, index_rope_head_dim=32, index_topk=16, hidden_size=256,
+                          indexer_implementation="eager")
     ix = LightningIndexer(cfg, 128)
     q, w = torch.randn(1, s, 2, 64, generator=g), torch.randn(1, s, 2, generator=g)
     keys, pos = torch.randn(1, s, 64, generator=g), torch.arange(s)[None]
@@ -57,6 +60,15 @@ def main(argv=None):
     bmm_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "aten::bmm")
     print(f"1. indexer select: {sel:.2f} s = {sel / pairs * 1e9:.2f} ns/pair; score matmul share "
           f"{bmm_us / total_us:.0%} = {sel * bmm_us / total_us / pairs * 1e9:.2f} ns/pair")
+    from seekv4.modeling import indexer_kernel
+
+    eager = ix.select(q, w, keys, pos, None)
+    cfg.indexer_implementation = "fused"
+    fused_s = best(lambda: ix.select(q, w, keys, pos, None), n=3)
+    fused = ix.select(q, w, keys, pos, None)
+    kept = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(eager[0], fused[0])) / eager[0].numel()
+    print(f"   fused select ({'AMX' if indexer_kernel.uses_amx() else 'portable loop'}): {fused_s:.2f} s = "
+          f"{fused_s / pairs * 1e9:.2f} ns/pair ({sel / fused_s:.1f}x faster); keeps {kept:.1%} of the eager picks")
 
     lc, t = 256, 16384
     qc, wc, kc = torch.randn(1, lc, 2, 64, generator=g), torch.randn(1, lc, 2, generator=g), torch.randn(1, t, 64, generator=g)

@@ -320,6 +320,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--indexer", choices=["fused", "eager"], default="fused",
                    help="config.indexer_implementation of seekv4's CSA layers (port rows are unaffected)")
+    p.add_argument("--thp", action="store_true", help="workers run with THP_MEM_ALLOC_ENABLE=1 (see long_context.py)")
     a = p.parse_args(argv)
     if a.worker:
         return worker_main(json.loads(a.worker))
@@ -336,6 +337,8 @@ def main(argv=None):
     import seekv4
 
     base = {"threads": a.threads, "mem_limit_gib": mem_gib, "indexer": a.indexer}
+    if a.thp:
+        lc.WORKER_ENV["THP_MEM_ALLOC_ENABLE"] = "1"
     t_start = time.perf_counter()
     print(f"# seekv4 DeepSeek-V4 attention long-context benchmark ({datetime.datetime.now():%Y-%m-%d %H:%M})")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}, "
@@ -353,6 +356,7 @@ def main(argv=None):
     print(f"model: preset {PRESET} (max_position_embeddings={MAX_POS}; attention {cfg.attention_sparsity}, window "
           f"{cfg.sliding_window}, CSA {cfg.csa_compress_ratio}:1 top-{cfg.index_topk}, HCA {cfg.hca_compress_ratio}:1, "
           f"ffn {cfg.ffn_types}, residual {cfg.residual_kind} x{cfg.hc_mult}), indexer_implementation={a.indexer}, "
+          f"{'THP_MEM_ALLOC_ENABLE=1, ' if a.thp else ''}"
           f"float32, batch 1, inference_mode, "
           f"use_cache=True, logits_to_keep=1; command: python bench/long_context_v4.py {' '.join(sys.argv[1:])}")
     print()
