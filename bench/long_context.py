@@ -198,7 +198,7 @@ def probe_gflops(n: int = 5) -> float:
 
 
 def repeats_for(length: int) -> int:
-    return 3 if length <= 8192 else 2 if length <= 16384 else 1
+    return 3 if length <= 8192 else 2 if length <= 32768 else 1  # 32k: the targets' length, median of 2
 
 
 def worker_prefill(kind: str, length: int, repeats: int) -> dict:

@@ -3,7 +3,10 @@
 Score of key s for query t:  I[t, s] = Σ_j w[t, j] · ReLU(q[t, j] · k[s]) · d^-1/2,  w = W_w h_t · H^-1/2,
 with one shared LayerNorm'd index key per token and non-interleaved RoPE on the first `rope_dim` dims
 of q and k (the 2025-11-17 fix of the official demo). The Hadamard rotation + FP8 rounding of the
-official kernel leave q·k unchanged in exact arithmetic and are not simulated here.
+official kernel leave q·k unchanged in exact arithmetic and are not simulated here. That is this module's
+("eager") float32 path; `config.indexer_implementation = "fused"` hands selection to the compiled CPU kernel in
+`indexer_kernel.py`, which rounds q and k to bf16 (coarser FP8 in the official kernel) and never builds the
+[L, T] score matrix: the same picks up to reordered near-ties, several times faster at long context.
 
 Selection is causal top-k with a fixed tie rule: among equal scores the later position wins. ReLU makes
 exact ties common (all heads zero), and `torch.topk` resolves ties by memory layout, so without a

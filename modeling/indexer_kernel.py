@@ -54,7 +54,11 @@ def _build() -> Path:
     target = _cache_dir() / f"indexer_topk_{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise IndexerKernelError(f"cannot create the kernel cache {target.parent} ({e}); point SEEKV4_KERNEL_CACHE at "
+                                 "a writable folder, or use indexer_implementation='eager'.") from e
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         res = subprocess.run(cc + FLAGS + [str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)

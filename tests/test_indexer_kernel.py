@@ -110,6 +110,15 @@ def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
         indexer_kernel.library()
 
 
+def test_unwritable_kernel_cache_is_a_clear_error(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(indexer_kernel, "_LIB", None)
+    monkeypatch.setenv("SEEKV4_KERNEL_CACHE", str(blocker / "kernels"))  # a folder below a file cannot exist
+    with pytest.raises(IndexerKernelError, match="SEEKV4_KERNEL_CACHE"):
+        indexer_kernel.library()
+
+
 def test_non_cpu_tensors_are_refused():
     q = torch.zeros(1, 2, 2, 8, device="meta")
     with pytest.raises(IndexerKernelError, match="CPU kernel.*indexer_implementation='eager'"):
