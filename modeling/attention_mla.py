@@ -26,7 +26,7 @@ from .dsa import DSAMixin
 from .fp8 import pack_fp8, packed_bytes, unpack_fp8
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
-from .sparse_attention import sparse_attention
+from .sparse_attention import query_chunk, sparse_attention
 
 
 class MLAAttention(DSAMixin, nn.Module):
@@ -141,13 +141,35 @@ class MLAAttention(DSAMixin, nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim :]  # W_UK [H, dn, r], W_UV [H, dv, r]
 
     def _sparse(self, q_nope, q_rope, c_kv, k_rope, idx, return_probs: bool):
-        """Absorbed (MQA) attention over the selected latent entries only: O(S·k), never O(S·T)."""
+        """Absorbed (MQA) attention over the selected latent entries only: O(S·k), never O(S·T).
+
+        Query chunks go through the whole absorbed pipeline (q·W_UK, attention, ·W_UV) one at a time, so no
+        full-length latent-sized intermediate exists: at 32k tokens each would be a 64 MiB fresh mapping whose
+        page faults cost more than the chunk's gathers."""
         w_uk, w_uv = self._absorbed_weights()
-        q_lat = torch.einsum("bhsd,hdr->bshr", q_nope, w_uk)[:, :, None]  # [B, S, 1, H, r]
-        out, probs = sparse_attention([q_lat, q_rope.transpose(1, 2)[:, :, None]], [c_kv[:, 0], k_rope[:, 0]],
-                                      0, idx, self.scaling, return_probs=return_probs)
-        out = torch.einsum("bshr,hvr->bshv", out[:, :, 0], w_uv)  # [B, S, H, dv]
-        return out, probs[:, :, 0] if probs is not None else None  # probs [B, S, H, k]
+        b, h, s, _ = q_nope.shape
+        k, r = idx.shape[-1], c_kv.shape[-1]
+        step = query_chunk(s, 4 * (k * (r + k_rope.shape[-1] + 3 * h) + 3 * h * r))
+        keep_graph = torch.is_grad_enabled() and (q_nope.requires_grad or w_uv.requires_grad)
+        outs, probs_all, out = [], [], None
+        for start in range(0, s, step):
+            sl = slice(start, start + step)
+            q_lat = torch.einsum("bhsd,hdr->bshr", q_nope[:, :, sl], w_uk)[:, :, None]  # [B, Sc, 1, H, r]
+            o, probs = sparse_attention([q_lat, q_rope[:, :, sl].transpose(1, 2)[:, :, None]],
+                                        [c_kv[:, 0], k_rope[:, 0]], 0, idx[:, sl], self.scaling,
+                                        return_probs=return_probs)
+            o = torch.einsum("bshr,hvr->bshv", o[:, :, 0], w_uv)  # [B, Sc, H, dv]
+            if probs is not None:
+                probs_all.append(probs[:, :, 0])  # [B, Sc, H, k]
+            if keep_graph or step >= s:
+                outs.append(o)
+                continue
+            if out is None:
+                out = o.new_empty(b, s, *o.shape[2:])
+            out[:, sl] = o
+        if out is None:
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return out, torch.cat(probs_all, dim=1) if probs_all else None
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, attention_mask):
         b, h, s, _ = q_nope.shape
