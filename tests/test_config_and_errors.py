@@ -131,3 +131,17 @@ def test_checkpoint_with_wrong_shapes(tmp_path, tiny):
     save_file(state, path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"wrongly shaped keys \['model.norm.weight: checkpoint \(65,\) vs model \(64,\)'\]"):
         SeekV4ForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(index_topk=4096, max_position_embeddings=2048), "index_topk"),  # top-k larger than any context
+    (dict(index_rope_head_dim=7), "index_rope_head_dim"),
+    (dict(index_rope_head_dim=64, index_head_dim=16), "index_rope_head_dim"),
+    (dict(index_n_heads=0), "index_n_heads"),
+    (dict(dsa_mode="warmup"), "dsa_mode"),
+    (dict(indexer_loss_weight=-1.0), "indexer_loss_weight"),
+    (dict(indexer_implementation="triton"), "indexer_implementation"),
+])
+def test_invalid_dsa_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=rf"SeekV4Config\.{field}.*invalid"):
+        SeekV4Config.from_preset("tiny-deepseek-v3.2", **overrides)
