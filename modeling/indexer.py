@@ -15,7 +15,6 @@ rule cached and uncached runs would pick different keys.
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,7 @@ from torch import nn
 
 from .indexer_kernel import fused_topk
 from .rope import apply_rope
+from .workspace import reusable_buffer
 from .sparse_attention import gather_rows, query_chunk
 
 
@@ -120,21 +120,6 @@ def _blocked_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return indices
 
 
-_WORKSPACE = threading.local()
-
-
-def _workspace(numel: int, device: torch.device) -> torch.Tensor:
-    """A float32 buffer reused across calls on CPU: without a caching allocator every fresh multi-MB tensor
-    is new pages that the kernel must fault in and zero, which costs more than the matmul that fills it.
-    Per thread, so concurrent forwards never share it; accelerators use their caching allocator instead."""
-    if device.type != "cpu":
-        return torch.empty(numel, dtype=torch.float32, device=device)
-    buf = getattr(_WORKSPACE, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = _WORKSPACE.buf = torch.empty(numel, dtype=torch.float32)
-    return buf[:numel]
-
-
 @torch.no_grad()
 def relu_weighted_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
                          scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,7 +137,7 @@ def relu_weighted_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
     t = keys.shape[1]
     need = (hi + 1) * b * l * t
     if scratch is None or scratch.numel() < need:
-        scratch = _workspace(need, q.device)
+        scratch = reusable_buffer(need, torch.float32, q.device)
     heads = scratch[: hi * b * l * t].view(b, l * hi, t)  # query-major: the Hi rows of a query are adjacent
     out = scratch[hi * b * l * t : need].view(b * l, 1, t)
     torch.bmm(q.float().reshape(b, l * hi, d), keys.float().transpose(1, 2), out=heads)
@@ -230,14 +215,13 @@ class LightningIndexer(nn.Module):
         b, l = q.shape[:2]
         num_keys = keys.shape[1]
         k = min(self.topk, num_keys)
-        if self.config.indexer_implementation == "fused":
-            pad = key_padding[:, :num_keys] if key_padding is not None else None
-            return fused_topk(q, w, keys, q_positions, None if pad is None or bool(pad.all()) else pad, k)
-        step = query_chunk(l, 4 * num_keys * (self.n_heads + 1) * b)
-        scratch = _workspace((self.n_heads + 1) * b * min(step, l) * num_keys, q.device)
         pad = None
         if key_padding is not None and not bool(key_padding[:, :num_keys].all()):
             pad = key_padding[:, :num_keys]
+        if self.config.indexer_implementation == "fused":
+            return fused_topk(q, w, keys, q_positions, pad, k)
+        step = query_chunk(l, 4 * num_keys * (self.n_heads + 1) * b)
+        scratch = reusable_buffer((self.n_heads + 1) * b * min(step, l) * num_keys, torch.float32, q.device)
         out = []
         for start in range(0, l, step):
             pos = q_positions[:, start : start + step]  # [B or 1, Lc] cache indices

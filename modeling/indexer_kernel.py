@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .workspace import reusable_buffer
+
 SOURCE = Path(__file__).with_name("indexer_topk.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11", "-D_GNU_SOURCE"]
 _LOCK = threading.Lock()
@@ -76,7 +78,7 @@ def library():
         if _LIB is None:
             lib = ctypes.CDLL(str(_build()))
             p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-            lib.seekv4_indexer_topk.argtypes = [p, p, p, p, i64, i32, i32, p, p, i32, i64, i64, i64, p, p, i32]
+            lib.seekv4_indexer_topk.argtypes = [p, p, p, p, i64, i32, i32, p, p, i32, i64, i64, p, i32]
             lib.seekv4_indexer_topk.restype = i32
             lib.seekv4_pack_keys.argtypes = [p, i64, i32, p, i64, i64]
             lib.seekv4_padded_dim.argtypes, lib.seekv4_padded_dim.restype = [i32], i32
@@ -91,22 +93,11 @@ def uses_amx() -> bool:
     return library().amx
 
 
-_WORKSPACE = threading.local()
-
-
-def _workspace(numel: int) -> torch.Tensor:
-    """int16 buffer for packed keys, per thread (concurrent forwards never share it), grown as needed."""
-    buf = getattr(_WORKSPACE, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = _WORKSPACE.buf = torch.empty(numel, dtype=torch.int16)
-    return buf[:numel]
-
-
 def _pool(n: int) -> ThreadPoolExecutor:
     global _POOL
-    if _POOL is None or _POOL._max_workers != n:
-        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="seekv4-indexer")
-    return _POOL
+    if _POOL is None or _POOL[0] != n:
+        _POOL = (n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="seekv4-indexer"))
+    return _POOL[1]
 
 
 @torch.no_grad()
@@ -129,27 +120,26 @@ def fused_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, last_visibl
     qf, wf, kf = q.float().contiguous(), w.float().contiguous(), keys.float().contiguous()
     limits = last_visible.to(torch.int64).expand(b, l).contiguous()
     valid = None if key_padding is None else key_padding[:, :t].to(torch.uint8).contiguous()
-    tiles = lib.seekv4_padded_keys(t) // 16
     threads = max(1, torch.get_num_threads())
 
     def run(i, s, e, packed=None):
         rc = lib.seekv4_indexer_topk(qf[i].data_ptr(), wf[i].data_ptr(), None if packed is None else packed.data_ptr(),
                                      kf[i].data_ptr(), t, h, d, limits[i].data_ptr(),
-                                     None if valid is None else valid[i].data_ptr(), k, s, e, 0, out[i].data_ptr(), None,
-                                     int(use_amx))
+                                     None if valid is None else valid[i].data_ptr(), k, s, e, out[i].data_ptr(), int(use_amx))
         if rc:
             raise MemoryError("fused indexer kernel: out of memory for its per-thread buffers")
 
     if l * h <= 32:
         # decoding: each key tile is read once, so the kernel packs it just before use; one thread, as a pool
-        # round trip and the torch threads spinning beside it cost more than the scan (0.5 ms at 32k keys)
+        # round trip and the torch threads spinning beside it cost more than the scan
         for i in range(b):
             run(i, 0, l)
         return out
     # prefill: pack all keys once (every group of queries reads them all), then split the queries; causal rows
     # grow with the query index, so many small ranges, longest (latest) first, keep the threads evenly loaded
+    tiles = lib.seekv4_padded_keys(t) // 16
     per_row = tiles * 16 * lib.seekv4_padded_dim(d)
-    packed = _workspace(b * per_row).view(b, per_row)  # reused: fresh multi-MB buffers cost page faults per call
+    packed = reusable_buffer(b * per_row, torch.int16).view(b, per_row)
     span = -(-tiles // threads)
     step = max(32, -(-l // (8 * threads)))
     packs = [(i, j, min(tiles, j + span)) for i in range(b) for j in range(0, tiles, span)]

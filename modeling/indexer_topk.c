@@ -28,12 +28,8 @@
 
 #define KEY_TILE 32 /* keys scored per step (two 16-wide AMX tiles) */
 #define ROW_TILE 32 /* query-head rows per tile-unit step (two 16-row AMX tiles) */
-#ifndef LAG
-#define LAG 2 /* key tiles between scoring a tile and ranking it (see the main loop) */
-#endif
-#ifndef GROUP_ROWS
+#define LAG 2          /* key tiles between scoring a tile and ranking it (see the main loop) */
 #define GROUP_ROWS 128 /* query-head rows that share each key tile while it is in L1 */
-#endif
 
 static uint16_t to_bf16(float f) {
     uint32_t u;
@@ -159,13 +155,10 @@ static void offer(entry *h, int *count, int k, const float *s, int64_t base, uin
 }
 
 /* Heap -> out[k] sorted by score desc, later position first on ties; -1 fills the missing. */
-static void drain(entry *h, int count, int k, int64_t *out, float *scores) {
+static void drain(entry *h, int count, int k, int64_t *out) {
     for (int i = count; i < k; i++) out[i] = -1;
-    if (scores)
-        for (int i = count; i < k; i++) scores[i] = -INFINITY;
     for (int n = count; n > 0; n--) {
         out[n - 1] = h[0].p;
-        if (scores) scores[n - 1] = h[0].s;
         h[0] = h[n - 1];
         sift_down(h, n - 1, 0);
     }
@@ -322,15 +315,12 @@ static void rank_tile(const float *c, long j, long g0, int gn, int h, int k, lon
  *   kpack NULL and keys [t, D] float32: each tile is packed just before use (decoding: every tile is read once,
  *   so a separate packing pass would only add a round trip through memory),
  *   limit [L]: the last visible key of each query (its cache index), valid [t] or NULL: key padding mask,
- *   out [L, k] int64 (only rows q0..q1-1 written), scores [L, k] or NULL: their scores (-inf where out is -1).
- *   Only keys >= key_lo (a multiple of 32) are considered: threads may split a few queries' keys into ranges
- *   whose top-k the caller merges by (score, position).
+ *   out [L, k] int64 (only rows q0..q1-1 written).
  *   use_amx: 1 = tile unit (after seekv4_amx_enable), 0 = portable.
- * Returns 0, -1 when memory runs out, -2 when key_lo is not a multiple of 32. */
+ * Returns 0, or -1 when memory runs out. */
 int seekv4_indexer_topk(const float *q, const float *w, const uint16_t *kpack, const float *keys, long t, int h, int d,
-                        const int64_t *limit, const uint8_t *valid, int k, long q0, long q1, long key_lo,
-                        int64_t *out, float *scores, int use_amx) {
-    if (key_lo % KEY_TILE) return -2;
+                        const int64_t *limit, const uint8_t *valid, int k, long q0, long q1, int64_t *out,
+                        int use_amx) {
     int dp = seekv4_padded_dim(d), chunks = dp / 32;
     int group = h >= GROUP_ROWS ? 1 : GROUP_ROWS / h;        /* queries per step */
     int rows = (group * h + ROW_TILE - 1) / ROW_TILE * ROW_TILE; /* their head rows, padded */
@@ -367,11 +357,10 @@ int seekv4_indexer_topk(const float *q, const float *w, const uint16_t *kpack, c
         if (!use_amx)
             for (size_t e = 0; e < (size_t)rows * dp; e++) qf[e] = from_bf16(qb[e]);
         /* Latest keys first, software-pipelined over a ring of LAG + 1 score buffers: tile j is scored before the
-         * scores of tile j + LAG are ranked (on this machine LAG 1-16 and batching 2-16 tiles measured the same
-         * within noise; kept small). */
-        long first = top < key_lo ? -1 : top / KEY_TILE, last = key_lo / KEY_TILE;
-        for (long j = first; j >= last - LAG; j--) {
-            if (j >= last) {
+         * scores of tile j + LAG are ranked. */
+        long first = top < 0 ? -1 : top / KEY_TILE;
+        for (long j = first; j >= -LAG; j--) {
+            if (j >= 0) {
                 const uint16_t *ktile = local;
                 if (kpack)
                     ktile = kpack + (size_t)j * 2 * chunks * 512;
@@ -388,12 +377,12 @@ int seekv4_indexer_topk(const float *q, const float *w, const uint16_t *kpack, c
                 }
             }
             long jr = j + LAG;
-            if (jr <= first && jr >= last)
+            if (jr <= first)
                 rank_tile(c + (size_t)(jr % (LAG + 1)) * rows * KEY_TILE, jr, g0, gn, h, k, t, limit, valid, w, heaps,
                           counts);
         }
         for (int i = 0; i < gn; i++)
-            drain(heaps + (size_t)i * k, counts[i], k, out + (g0 + i) * (long)k, scores ? scores + (g0 + i) * (long)k : NULL);
+            drain(heaps + (size_t)i * k, counts[i], k, out + (g0 + i) * (long)k);
     }
 #ifdef SEEKV4_AMX
     if (use_amx) _tile_release();

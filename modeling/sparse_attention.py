@@ -10,16 +10,15 @@ from __future__ import annotations
 import torch
 
 # gathered keys + scores per query chunk. Kept well under glibc's 32 MiB mmap threshold: larger temporaries are
-# fresh mappings every chunk, whose page faults cost more than the gathers (64 MiB: 1.07M faults in a 32k prefill,
-# 16 MiB: 0.44-0.54M and 0.7 s faster)
+# fresh mappings every chunk, whose page faults can cost more than the gathers
 CHUNK_BUDGET_BYTES = 16 * 2**20
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B, T, D], idx [B, L, k] (entries < 0 allowed, read as row 0) -> [B, L, k, D].
 
-    Row copies per sample (`index_select`), not `gather`: gather reads an int64 index per element and is ~2x
-    slower here, where every prefill query gathers k rows."""
+    Row copies per sample (`index_select`), not `gather`: gather reads an int64 index per element and is slower
+    here, where every prefill query gathers k rows."""
     b, l, k = idx.shape
     flat = idx.clamp(min=0).reshape(b, l * k)
     rows = [x[i].index_select(0, flat[i]) for i in range(b)]  # x[i] is a view: the cache is never copied

@@ -85,20 +85,21 @@ def test_v4_selection_matches_eager_on_exact_grid():
     assert torch.equal(as_sets(got), as_sets(ref))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_random_inputs_mostly_agree_and_threads_do_not_change_the_result(threads):
+def test_random_inputs_mostly_agree_and_threads_do_not_change_the_result():
     g = torch.Generator().manual_seed(0)
     q, w, keys = torch.randn(1, 600, 2, 64, generator=g), torch.randn(1, 600, 2, generator=g), torch.randn(1, 600, 64, generator=g)
     pos = torch.arange(600)[None]
     ref = eager_indexer(2, 64, 16).select(q, w, keys, pos, None)
     old = torch.get_num_threads()
     try:
-        torch.set_num_threads(threads)
-        got = fused_topk(q, w, keys, pos, None, 16)
+        got = {}
+        for threads in (1, 2):  # 2: key packing and query ranges split over a thread pool
+            torch.set_num_threads(threads)
+            got[threads] = fused_topk(q, w, keys, pos, None, 16)
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(got, fused_topk(q, w, keys, pos, None, 16))
-    kept = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ref[0], got[0])) / ref[0].numel()
+    assert torch.equal(got[1], got[2])
+    kept = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ref[0], got[2][0])) / ref[0].numel()
     assert kept > 0.98, kept
 
 
@@ -140,13 +141,5 @@ def test_decode_path_equals_eager(amx):
     pad = torch.ones(1, t, dtype=torch.bool)
     pad[0, 8000:8100] = False
     ref = eager_indexer(h, d, k).select(q, w, keys, pos, pad)
-    old = torch.get_num_threads()
-    try:
-        got = {}
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            got[threads] = fused_topk(q, w, keys, pos, pad, k, amx=amx)
-    finally:
-        torch.set_num_threads(old)
-    assert torch.equal(got[1], got[2])
-    assert torch.equal(as_sets(got[2]), as_sets(ref))
+    got = fused_topk(q, w, keys, pos, pad, k, amx=amx)
+    assert torch.equal(as_sets(got), as_sets(ref))
