@@ -138,9 +138,6 @@ def from_transformers(model: torch.nn.Module) -> SeekV4ForCausalLM:
     state = {rename(k): v for k, v in model.state_dict().items()
              if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)}
     missing, unexpected = ours.load_state_dict(state, strict=False)
-    # hash-routed layers have no balancing bias in other implementations; ours is unused there (kept at 0)
-    missing = [k for k in missing if not (k.endswith("gate.e_score_correction_bias") and
-                                          k.replace("e_score_correction_bias", "tid2eid") in state)]
     if missing or unexpected:
         raise ValueError(f"Converting {type(model).__name__}: missing {missing}, unexpected {unexpected}.")
     return ours.train(model.training)

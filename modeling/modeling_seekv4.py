@@ -22,7 +22,7 @@ from .attention_mla import MLAAttention
 from .attention_v4 import V4Attention
 from .engram import Engram, EngramCacheLayer, EngramMemory, NgramHasher, engram_cache
 from .engram_table import EngramTable
-from .moe import DenseFFN, Experts, HashRouter, MoE, Router
+from .moe import DenseFFN, Experts, Gate, HashRouter, MoE, Router
 from .mtp import MTPModule, mtp_block_config, shift_left
 from .norm import RMSNorm
 from .residual import HCSite, HyperHead, MHCSite, build_head, build_site, expand
@@ -109,16 +109,19 @@ class SeekV4PreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "attn_hc", "ffn_hc", "hc_head"]
+    # checkpoints written before hash-routed layers lost their unused balancing bias still hold it
+    _keys_to_ignore_on_load_unexpected = [r"\.mlp\.gate\.e_score_correction_bias$"]
 
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, Router):
+        if isinstance(module, Gate):
             init.normal_(module.weight, mean=0.0, std=std)
-            init.zeros_(module.e_score_correction_bias)
-            init.zeros_(module.expert_load)
-            if isinstance(module, HashRouter):
+            if isinstance(module, Router):
+                init.zeros_(module.e_score_correction_bias)
+                init.zeros_(module.expert_load)
+            else:
                 init.copy_(module.tid2eid, module.default_table(module.tid2eid.shape[0]))
         elif isinstance(module, Experts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
@@ -346,7 +349,7 @@ class SeekV4Model(SeekV4PreTrainedModel):
     def update_router_biases(self) -> dict[int, torch.Tensor]:
         """Apply the aux-loss-free bias update in every learned-router layer; returns per-layer expert loads."""
         return {i: layer.mlp.gate.update_bias() for i, layer in enumerate(self.layers)
-                if isinstance(layer.mlp, MoE) and not isinstance(layer.mlp.gate, HashRouter)}
+                if isinstance(layer.mlp, MoE) and isinstance(layer.mlp.gate, Router)}
 
 
 class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):

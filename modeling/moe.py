@@ -14,7 +14,7 @@ from torch import nn
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
-    """SiLU(gate) * up; V4 clamps gate <= limit and up to [-limit, limit] (spec §4.10)."""
+    """SiLU(gate) * up; V4 clamps gate <= limit and up to [-limit, limit] (V4 `Expert`)."""
     if limit is not None:
         gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
     return F.silu(gate) * up
@@ -46,8 +46,8 @@ class RouterAux:
 def balanced_hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
     """Seeded token-id -> top_k distinct experts table [V, k] in which every expert gets V·k/E ± 1 rows.
 
-    Token t gets experts perm[(r_t + j) mod E] for j < k, with r_t a random rank taken mod E (spec Q13:
-    the released tables' construction is unknown, so from-scratch models use this one and record the seed).
+    Token t gets experts perm[(r_t + j) mod E] for j < k, with r_t a random rank taken mod E (the released tables'
+    construction is unknown, docs/decisions.md#d5-hash-routing-table).
     """
     g = torch.Generator().manual_seed(seed)
     rank = torch.empty(vocab_size, dtype=torch.long)
@@ -57,7 +57,44 @@ def balanced_hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int
     return perm[slots]
 
 
-class Router(nn.Module):
+class Gate(nn.Module):
+    """What every router shares: the gate weight and its scores s = f(x W^T), which weight the chosen experts
+    (renormalised over them when `norm_topk_prob`, times `routed_scaling_factor`). Subclasses choose the experts."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.scoring_func, self.norm_topk_prob = config.scoring_func, config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scoring_func == "softmax":
+            return logits.softmax(dim=-1)
+        if self.scoring_func == "sigmoid":
+            return logits.sigmoid()
+        return F.softplus(logits).sqrt()  # "sqrtsoftplus" (DeepSeek-V4)
+
+    def select(self, scores: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None, batch_shape: tuple[int, int]):
+        """x [N, H] -> (weights [N, k], indices [N, k], RouterAux)."""
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        scores = self.score(logits)
+        indices = self.select(scores, input_ids)
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+        return weights.to(x.dtype), indices, RouterAux(logits, self.balance(scores, indices, batch_shape))
+
+    def balance(self, scores, indices, batch_shape) -> torch.Tensor | None:
+        """Training-time balancing bookkeeping; returns the auxiliary loss, if any."""
+        return None
+
+
+class Router(Gate):
     """Learned top-k router with DeepSeek-V3 group-limited selection and an aux-loss-free balancing bias.
 
     The bias `e_score_correction_bias` shifts scores for *selection* only; the weights come from the
@@ -66,22 +103,11 @@ class Router(nn.Module):
     """
 
     def __init__(self, config):
-        super().__init__()
-        self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        super().__init__(config)
         self.n_group, self.topk_group = config.n_group, config.topk_group
-        self.scoring_func, self.norm_topk_prob = config.scoring_func, config.norm_topk_prob
-        self.routed_scaling_factor = config.routed_scaling_factor
         self.bias_update_rate, self.aux_loss_alpha = config.router_bias_update_rate, config.aux_loss_alpha
-        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
         self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
-
-    def score(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.scoring_func == "softmax":
-            return logits.softmax(dim=-1)
-        if self.scoring_func == "sigmoid":
-            return logits.sigmoid()
-        return F.softplus(logits).sqrt()  # "sqrtsoftplus" (DeepSeek-V4)
 
     def select(self, scores: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         biased = scores + self.e_score_correction_bias
@@ -94,22 +120,12 @@ class Router(nn.Module):
             biased = biased.masked_fill(~keep.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
         return biased.topk(self.top_k, dim=-1).indices
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None, batch_shape: tuple[int, int]):
-        """x [N, H] -> (weights [N, k], indices [N, k], RouterAux)."""
-        logits = F.linear(x.float(), self.weight.float())  # [N, E]
-        scores = self.score(logits)
-        indices = self.select(scores, input_ids)
-        weights = scores.gather(1, indices)
-        if self.norm_topk_prob and self.top_k > 1:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        weights = weights * self.routed_scaling_factor
-        aux_loss = None
-        if self.training:
-            with torch.no_grad():
-                self.expert_load += torch.bincount(indices.flatten(), minlength=self.num_experts).float()
-            if self.aux_loss_alpha > 0:
-                aux_loss = self.sequence_balance_loss(scores, indices, batch_shape)
-        return weights.to(x.dtype), indices, RouterAux(logits, aux_loss)
+    def balance(self, scores, indices, batch_shape) -> torch.Tensor | None:
+        if not self.training:
+            return None
+        with torch.no_grad():
+            self.expert_load += torch.bincount(indices.flatten(), minlength=self.num_experts).float()
+        return self.sequence_balance_loss(scores, indices, batch_shape) if self.aux_loss_alpha > 0 else None
 
     def sequence_balance_loss(self, scores, indices, batch_shape) -> torch.Tensor:
         """V3 sequence-wise balance loss α·Σ_i f_i·P_i, averaged over sequences (padding included)."""
@@ -130,8 +146,9 @@ class Router(nn.Module):
         return load
 
 
-class HashRouter(Router):
-    """`hash_moe`: experts are a frozen function of the token id (`tid2eid`, [V, k]); no balancing bias.
+class HashRouter(Gate):
+    """`hash_moe`: experts are a frozen function of the token id (`tid2eid`, [V, k]); routing is fixed, so there is
+    no balancing bias, load count or balance loss.
 
     The gate still scores experts, and those scores weight the hashed choices (DeepSeek-V4 hash layers).
     """
@@ -205,17 +222,6 @@ class Experts(nn.Module):
         y = grouped_linear(swiglu(gate, up, self.swiglu_limit), self.down_proj, counts)
         y = y * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
-
-
-def experts_loop_reference(experts: Experts, x, indices, weights) -> torch.Tensor:
-    """Test reference only: every expert over every token, masked. O(N·E) compute."""
-    out = torch.zeros_like(x)
-    for e in range(experts.num_experts):
-        gate, up = (x @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
-        y = swiglu(gate, up, experts.swiglu_limit) @ experts.down_proj[e].T
-        w = (weights * (indices == e)).sum(-1, keepdim=True)
-        out = out + w * y
-    return out
 
 
 class MoE(nn.Module):

@@ -2,8 +2,7 @@
 
 Keys/values are shared by groups of heads (MQA/GQA; MLA in its absorbed form is MQA over the latent).
 Queries are processed in chunks sized so the gathered keys and the scores stay within a fixed memory
-budget, so memory is O(L·k) and time O(L·k·D) — never O(L·T). `sparse_attention_reference` (dense,
-masked, float64-capable) exists for tests only.
+budget, so memory is O(L·k) and time O(L·k·D) — never O(L·T).
 """
 from __future__ import annotations
 
@@ -90,17 +89,3 @@ def sparse_attention(
     out = torch.cat(outs, dim=1)
     return (out, torch.cat(probs_all, dim=1)) if return_probs else (out, None)
 
-
-def sparse_attention_reference(queries, keys, value, idx, scaling, sink=None):
-    """Test reference: dense scores over all T keys, masked to each query's index set."""
-    b, l, g, hg, _ = queries[0].shape
-    t = keys[0].shape[1]
-    scores = sum(torch.einsum("blghd,btgd->blght", q, kx.unflatten(-1, (g, -1))) for q, kx in zip(queries, keys))
-    allowed = torch.zeros(b, l, t + 1, dtype=torch.bool, device=idx.device)
-    allowed.scatter_(2, torch.where(idx < 0, t, idx), True)
-    scores = (scores * scaling).masked_fill(~allowed[:, :, None, None, :t], float("-inf"))
-    if sink is not None:
-        scores = torch.cat((scores, sink.to(scores.dtype).view(1, 1, g, hg, 1).expand(b, l, g, hg, 1)), dim=-1)
-    probs = torch.softmax(scores, dim=-1)[..., :t]
-    v = keys[value] if isinstance(value, int) else value
-    return torch.einsum("blght,btgd->blghd", probs, v.unflatten(-1, (g, -1)))

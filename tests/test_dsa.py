@@ -6,7 +6,8 @@ from transformers import DynamicCache
 from seekv4 import SeekV4Config, SeekV4ForCausalLM
 from seekv4.modeling.dsa import freeze_all_but_indexers
 from seekv4.modeling.indexer import LightningIndexer, causal_valid, deterministic_topk
-from seekv4.modeling.sparse_attention import sparse_attention, sparse_attention_reference
+from references import sparse_attention_reference
+from seekv4.modeling.sparse_attention import sparse_attention
 
 DSA_PRESETS = {"mla": ("tiny-deepseek-v3.2", {}), "gqa": ("tiny-gqa", {"attention_sparsity": ["dsa"] * 4,
                                                                 "index_n_heads": 2, "index_head_dim": 16,

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from seekv4 import SeekV4Config
-from seekv4.modeling.moe import MoE, Router, balanced_hash_table, experts_loop_reference
+from references import experts_loop_reference
+from seekv4.modeling.moe import MoE, Router, balanced_hash_table
 
 
 def moe_config(**kw):
@@ -163,3 +164,36 @@ def test_shared_expert_is_clamped_like_the_routed_ones():
     unclamped = (torch.nn.functional.silu(gate) * up) @ shared.down_proj.weight.T
     out = shared(x)[0]
     assert torch.allclose(out, ref, atol=1e-12) and not torch.allclose(out, unclamped, atol=1e-3)
+
+
+def test_hash_router_has_no_balancing_state_and_old_checkpoints_with_it_load(tmp_path):
+    """Hash routing is fixed: no bias, load count or balance loss; a checkpoint that still stores the unused bias of
+    a hash layer (written before it was dropped) loads strictly with the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    from seekv4 import SeekV4Config, SeekV4ForCausalLM
+    from seekv4.modeling.moe import HashRouter
+
+    config = SeekV4Config.from_preset("tiny-deepseek-v4-flash", aux_loss_alpha=0.01)
+    model = SeekV4ForCausalLM(config)
+    hashed = [m for m in model.modules() if isinstance(m, HashRouter)]
+    assert hashed
+    for gate in hashed:
+        assert not hasattr(gate, "e_score_correction_bias") and not hasattr(gate, "expert_load")
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    n_score_layers = sum(isinstance(layer.mlp, MoE) and not isinstance(layer.mlp.gate, HashRouter)
+                         for layer in model.model.layers)
+    assert len(model.update_router_biases()) == n_score_layers
+    assert torch.isfinite(out.loss)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    for name in [n for n in state if n.endswith("mlp.gate.tid2eid")]:
+        state[name.replace("tid2eid", "e_score_correction_bias")] = torch.zeros(config.n_routed_experts)
+    save_file(state, weights, metadata={"format": "pt"})
+    loaded = SeekV4ForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
