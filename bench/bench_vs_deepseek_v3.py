@@ -26,19 +26,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import platform
+import os
 import statistics
 import subprocess
 import sys
 import time
 
-import torch
-import transformers
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
-from seekv4.convert import from_transformers
+import torch  # noqa: E402
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+
+from seekv4.convert import from_transformers  # noqa: E402
 
 CONFIG = dict(
     vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
@@ -75,12 +76,9 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-_A, _B = torch.randn(512, 512), torch.randn(512, 512)
-
-
 def probe_gflops(n: int = 5) -> float:
     """CPU-phase probe: fp32 GFLOP/s of a 512^3 matmul (median of n; ~10 ms in the fast phase)."""
-    return 2 * 512**3 / statistics.median(timed(lambda: _A @ _B) for _ in range(n)) / 1e9
+    return common.matmul_gflops(512, n)
 
 
 def repeats_for(n_tokens: int, repeats: int) -> int:
@@ -200,11 +198,6 @@ def bench_train(models, batch: int, seq: int, repeats: int) -> Result:
 
 # ---- optional memory (one fresh subprocess per point) ----------------------------------------------
 
-def _proc_status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
 def _memory_child(name: str, length: int) -> None:
     """Peak RSS during one prefill minus RSS just before it (Linux: VmHWM reset via /proc/self/clear_refs)."""
     src, ours = build_models()
@@ -213,11 +206,9 @@ def _memory_child(name: str, length: int) -> None:
     ids = ids_of(length)
     with torch.inference_mode():
         prefill(model, ids_of(16))  # one-time allocations (thread pools, kernels) out of the measurement
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS high-water mark to the current RSS
-        base = _proc_status_kib("VmRSS")
+        base = common.reset_peak()
         prefill(model, ids)
-    print(json.dumps({"peak_mib": (_proc_status_kib("VmHWM") - base) / 1024}))
+    print(json.dumps({"peak_mib": common.peak_mib_since(base)}))
 
 
 def measure_memory(name: str, length: int) -> float:
@@ -239,7 +230,8 @@ def main(argv=None):
     p.add_argument("--train-shapes", nargs="+", default=["4x512", "4x1024"], help="training BATCHxSEQ shapes")
     p.add_argument("--repeats", type=int, default=5, help="timed pairs per point (fewer at >= 4096 tokens)")
     p.add_argument("--train-repeats", type=int, default=3, help="timed training-step pairs")
-    p.add_argument("--memory", action="store_true", help="also measure prefill peak-RSS increase (subprocess per point)")
+    p.add_argument("--memory", action="store_true",
+                   help="also measure prefill peak-RSS increase (subprocess per point)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--_memory-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -253,9 +245,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     src, ours = build_models()
     models = {"transformers": src, "seekv4": ours}
-    print(f"# seekv4 vs transformers DeepseekV3ForCausalLM ({datetime.datetime.now():%Y-%m-%d %H:%M})")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}, "
-          f"{platform.machine()}, torch.get_num_threads()={torch.get_num_threads()}")
+    print(common.header("seekv4 vs transformers DeepseekV3ForCausalLM", __file__, torch.get_num_threads(),
+                        sys.argv[1:] if argv is None else argv))
     print(f"attn_implementation: transformers={src.config._attn_implementation}, "
           f"seekv4={ours.config._attn_implementation}; "
           f"transformers experts_implementation={getattr(src.config, '_experts_implementation', None)}")
@@ -292,8 +283,8 @@ def main(argv=None):
         for length in args.lengths:
             mem = {n: measure_memory(n, length) for n in NAMES}
             ratio = mem["transformers"] / mem["seekv4"] if mem["seekv4"] > 0 else float("nan")
-            log((f"prefill 1x{length} peak RSS increase (MiB)", f"{mem['transformers']:,.0f}", f"{mem['seekv4']:,.0f}",
-                 ratio, "fresh subprocess each"))
+            log((f"prefill 1x{length} peak RSS increase (MiB)", f"{mem['transformers']:,.0f}",
+                 f"{mem['seekv4']:,.0f}", ratio, "fresh subprocess each"))
 
     print(flush=True)
     print("| benchmark | transformers | seekv4 | ratio (>1: seekv4 better) | notes |")

@@ -24,9 +24,12 @@ import sys
 import tempfile
 import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
-from seekv4 import SeekV4Config, SeekV4ForCausalLM
+import torch  # noqa: E402
+
+from seekv4 import SeekV4Config, SeekV4ForCausalLM  # noqa: E402
 
 PHASES = ("forward", "backward", "update", "step")
 
@@ -72,18 +75,17 @@ def run_regime(ram, disk, batches) -> tuple[list, list, float, float]:
 
 
 def report(name: str, t_ram, t_disk, flush_s: float, fsync_s: float):
-    med = {who: {p: statistics.median(t[p] for t in ts) for p in PHASES} for who, ts in (("ram", t_ram), ("disk", t_disk))}
+    med = {who: {p: statistics.median(t[p] for t in ts) for p in PHASES}
+           for who, ts in (("ram", t_ram), ("disk", t_disk))}
     per_step_flush = flush_s / len(t_disk)
     pair = statistics.median(d["step"] / r["step"] for r, d in zip(t_ram, t_disk))
     pair_flush = statistics.median((d["step"] + per_step_flush) / r["step"] for r, d in zip(t_ram, t_disk))
-    print(f"\n{name}: {len(t_ram)} step pairs; final flush {flush_s:.3f} s (= {1000 * per_step_flush:.0f} ms per step), "
-          f"then fsync {fsync_s:.3f} s")
-    print("| table | forward (s) | backward (s) | update (s) | step, median (s) | min (s) |")
-    print("|---|---|---|---|---|---|")
-    for who, ts in (("RAM", t_ram), ("disk", t_disk)):
-        m = med[who.lower()]
-        print(f"| {who} | {m['forward']:.3f} | {m['backward']:.3f} | {m['update']:.3f} | {m['step']:.3f} | "
-              f"{min(t['step'] for t in ts):.3f} |")
+    print(f"\n{name}: {len(t_ram)} step pairs; final flush {flush_s:.3f} s (= {1000 * per_step_flush:.0f} ms per "
+          f"step), then fsync {fsync_s:.3f} s")
+    rows = [[who, *(f"{med[who.lower()][p]:.3f}" for p in PHASES), f"{min(t['step'] for t in ts):.3f}"]
+            for who, ts in (("RAM", t_ram), ("disk", t_disk))]
+    print(common.table(["table", "forward (s)", "backward (s)", "update (s)", "step, median (s)", "min (s)"], rows,
+                       align="lrrrrr"))
     print(f"disk / RAM: ratio of median steps {100 * (med['disk']['step'] / med['ram']['step'] - 1):+.1f}%; "
           f"median of pair ratios {100 * (pair - 1):+.1f}%, with the amortised flush {100 * (pair_flush - 1):+.1f}%")
 
@@ -96,6 +98,7 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--buffer-mib", type=int, default=256, help="disk table write-back buffer (engram_write_buffer_mib)")
     a = p.parse_args()
+    print(common.header("seekv4 Engram table offload", __file__, torch.get_num_threads(), sys.argv[1:]))
     torch.manual_seed(0)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # killed: still remove the 4 GiB file (finally below)
     tmp = tempfile.mkdtemp(prefix="seekv4_engram_")
