@@ -236,6 +236,9 @@ class SeekV4Config(PreTrainedConfig):
             block = self.kv_cache_fp8_block
             widths = {"mla": ("kv_lora_rank", self.kv_lora_rank),
                       "v4": ("head_dim - qk_rope_head_dim", self.head_dim - self.qk_rope_head_dim)}
+            if "v4" in self.attention_types and self.head_dim <= self.qk_rope_head_dim:
+                _fail("qk_rope_head_dim", self.qk_rope_head_dim, f"with kv_cache_dtype='fp8_e4m3' it must be below "
+                      f"head_dim={self.head_dim}: RoPE dims stay in the model dtype, so none would be stored in fp8")
             for kind in set(self.attention_types):
                 name, width = widths[kind]
                 if not isinstance(block, int) or block <= 0 or width % block:

@@ -23,7 +23,7 @@ from torch import nn
 from .attention_common import AttentionAux, apply_mask, attention_kernel, causal_bool_mask
 from .cache_append import cache_update
 from .dsa import DSAMixin
-from .fp8 import pack_fp8, packed_bytes, unpack_fp8
+from .fp8 import pack_fp8, packed_bytes, reinterpret, unpack_fp8
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
 from .sparse_attention import query_chunk, sparse_attention
@@ -107,7 +107,7 @@ class MLAAttention(DSAMixin, nn.Module):
             record, _ = cache_update(past_key_values, self.layer_idx, record, record[..., :0])
         latent_bytes = packed_bytes(self.kv_lora_rank, self.config.kv_cache_fp8_block)
         c_kv = unpack_fp8(record[..., :latent_bytes], self.kv_lora_rank, dtype)
-        return c_kv, record[..., latent_bytes:].contiguous().view(dtype)
+        return c_kv, reinterpret(record[..., latent_bytes:], dtype)
 
     def _use_absorbed(self, q_len: int, kv_len: int, attention_mask) -> bool:
         if self.training or not (attention_mask is None or isinstance(attention_mask, torch.Tensor)):

@@ -232,11 +232,11 @@ class V4Attention(nn.Module):
                                         return_probs=wants_loss, dense=dense)
             out.append(o[:, :, 0])  # [B, Lc, H, D]
             if wants_loss:
-                target = probs[:, :, 0, :, self.window:].detach().sum(2)  # mass on the chosen entries [B, Lc, k]
-                logits = LightningIndexer.score_selected(iq[:, rows], iw[:, rows], index_keys, chosen)
                 has_entries = real[:, rows] & (chosen >= 0).any(-1)
                 count = int(has_entries.sum())
-                if count:
+                if count:  # none before the first window completes (S < csa_compress_ratio): no KL term
+                    target = probs[:, :, 0, :, self.window:].detach().sum(2)  # mass on the chosen entries [B, Lc, k]
+                    logits = LightningIndexer.score_selected(iq[:, rows], iw[:, rows], index_keys, chosen)
                     kl_sum = kl_sum + kl_to_indexer(target, logits, chosen >= 0, has_entries.float()) * count
                     kl_count += count
         out = torch.cat(out, dim=1)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .norm import RMSNorm
-from .fp8 import fp8_round_head, pack_fp8, packed_bytes, unpack_fp8
+from .fp8 import fp8_round_head, pack_fp8, packed_bytes, reinterpret, unpack_fp8
 from .rope import apply_rope_tail
 
 
@@ -49,7 +49,7 @@ class CompressorState:
             return store
         split = packed_bytes(self.dim - self.rope_dim, self.fp8_block)
         nope = unpack_fp8(store[..., :split].view(torch.float8_e4m3fn), self.dim - self.rope_dim, self.dtype)
-        return torch.cat((nope, store[..., split:].contiguous().view(self.dtype)), dim=-1)
+        return torch.cat((nope, reinterpret(store[..., split:], self.dtype)), dim=-1)
 
     def grow(self, total: int) -> None:
         """Make room for `total` entries; capacity grows by 25% (at least 64) so decoding appends are amortised

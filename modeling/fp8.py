@@ -1,7 +1,12 @@
-"""FP8 (e4m3) cache storage with per-block power-of-two scales (FlashMLA's V3.2 format, spec §7.1).
+"""FP8 (e4m3) cache storage with per-block power-of-two scales (FlashMLA's V3.2 format).
 
 A block of `block` values shares one float32 scale 2^ceil(log2(amax / 448)), so every value fits e4m3's
 range and dequantisation is exact scaling. The RoPE part of a cache entry stays in the model dtype.
+
+A cache record is [e4m3 values | float32 scales | RoPE dims in the model dtype], fields back to back with no
+padding, so the standard shapes keep FlashMLA's byte counts (512 + 4·4 + 64·2 = 656 bytes for V3.2's latent).
+A field need not start at a multiple of its itemsize (6 values put the scales at byte 6): read fields with
+`reinterpret`, never a bare `.view(dtype)`.
 """
 from __future__ import annotations
 
@@ -30,7 +35,20 @@ def pack_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def unpack_fp8(packed: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    return dequantize_fp8(packed[..., :dim], packed[..., dim:].contiguous().view(torch.float32), dtype)
+    return dequantize_fp8(packed[..., :dim], reinterpret(packed[..., dim:], torch.float32), dtype)
+
+
+def reinterpret(field: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bytes of a record field [..., n] (uint8 / e4m3) read as `dtype`.
+
+    `Tensor.view(dtype)` to a wider type needs a contiguous tensor whose storage offset is a multiple of the
+    itemsize. A field sliced out of a record satisfies neither in general (the scales after 6 e4m3 values
+    start at byte 6), and `.contiguous()` is a no-op when every leading dim is 1, so such a field is copied to
+    fresh storage first: reading a field as its dtype never depends on where the record lies in memory."""
+    ratio = dtype.itemsize // field.element_size()
+    if ratio > 1 and (not field.is_contiguous() or field.storage_offset() % ratio):
+        field = field.clone(memory_format=torch.contiguous_format)
+    return field.view(dtype)
 
 
 def packed_bytes(dim: int, block: int) -> int:

@@ -405,11 +405,14 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
             hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden)
         loss = lm_loss = mtp_loss = None
-        if out.mtp_hidden_states is not None:
+        # depth k predicts token t+1+k: a sequence of <= k+1 tokens has no target there (a mean over nothing is NaN),
+        # so that depth adds no term
+        depths = [(k, h) for k, h in enumerate(out.mtp_hidden_states or (), start=1) if labels.shape[1] > k + 1]
+        if depths:
             mtp_loss = torch.stack([
                 self.loss_function(logits=self.lm_head(h), labels=shift_left(labels, k, -100),
                                    vocab_size=self.config.vocab_size, **kwargs)
-                for k, h in enumerate(out.mtp_hidden_states, start=1)
+                for k, h in depths
             ]).mean()
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

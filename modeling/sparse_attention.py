@@ -19,6 +19,10 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     Row copies per sample (`index_select`), not `gather`: gather reads an int64 index per element and is slower
     here, where every prefill query gathers k rows."""
     b, l, k = idx.shape
+    if x.shape[1] == 0:  # e.g. no compressed entry is complete yet: every index must be -1 (masked)
+        if (idx >= 0).any():
+            raise ValueError(f"gather_rows: indices up to {int(idx.max())} into a tensor with no rows")
+        return x.new_zeros(b, l, k, x.shape[-1])
     flat = idx.clamp(min=0).reshape(b, l * k)
     rows = [x[i].index_select(0, flat[i]) for i in range(b)]  # x[i] is a view: the cache is never copied
     return (rows[0][None] if b == 1 else torch.stack(rows)).view(b, l, k, x.shape[-1])
