@@ -112,7 +112,7 @@ def model_fingerprint(ref: str, cache: DigestCache) -> dict:
 def task_fingerprints(data_dir: pathlib.Path) -> tuple[dict[str, str], str]:
     """({task: sha256 of its records' lines in tasks.jsonl}, sha256 of sources.jsonl), computed from the files
     (for the shipped data they equal the manifest's `task_sha256` and `files["sources.jsonl"]`)."""
-    per_task: dict[str, hashlib._Hash] = {}
+    per_task: dict = {}
     with open(data_dir / "tasks.jsonl", "rb") as f:
         for line in f:
             per_task.setdefault(json.loads(line)["task"], hashlib.sha256()).update(line)
