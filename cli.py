@@ -154,7 +154,7 @@ def cmd_eval(args) -> int:
     from .eval.prompts import EvalError
 
     try:
-        return eval_command(args.model, args.tasks, args.buckets, args.output, args.limit, args.dtype)
+        return eval_command(args.model, args.tasks, args.buckets, args.output, args.limit, args.dtype, args.overwrite)
     except EvalError as err:
         raise CLIError(str(err)) from err
 
@@ -187,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repo_nextline file_nextline code_needle api_recall code_perplexity (space or comma "
                         "separated; default: the first three)")
     p.add_argument("--buckets", nargs="+", default=["2k", "4k"], help="context buckets: 2k 4k 8k ... 128k")
-    p.add_argument("--output", required=True, help="results folder; rerunning into it resumes")
+    p.add_argument("--output", required=True, help="results folder; rerunning into it resumes (same model and "
+                                                    "benchmark data only, checked by content)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the samples and results already in --output and start over")
     p.add_argument("--limit", type=int, help="at most this many examples per task and bucket")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.set_defaults(func=cmd_eval)

@@ -39,10 +39,10 @@ def build_benchmarks(out: str | None, check: bool) -> int:
         return 0
 
 
-def eval_command(model, tasks, buckets, output, limit, dtype) -> int:
+def eval_command(model, tasks, buckets, output, limit, dtype, overwrite=False) -> int:
     from .runner import run_eval
 
-    run_eval(model, split_list(tasks), split_list(buckets), output, limit, dtype)
+    run_eval(model, split_list(tasks), split_list(buckets), output, limit, dtype, overwrite=overwrite)
     out = pathlib.Path(output)
     print((out / "results.md").read_text(encoding="utf-8"))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}, {out / 'samples.jsonl'}")

@@ -8,6 +8,7 @@ from typing import Any
 from .prompts import EvalError
 
 MAX_RANDOM_PARAMS = 100_000_000  # presets are random baselines: refuse full-size shapes rather than exhaust memory
+PRESET_SEED = 0                  # torch seed of a preset's random initialisation (part of its run fingerprint)
 
 
 @dataclass
@@ -36,19 +37,36 @@ def _byte_tokenizer(config):
     return ByteTokenizer(config.vocab_size, special)
 
 
+def model_kind(ref: str) -> str:
+    """"gguf", "folder" or "preset" for `--model ref`; EvalError when it is none of them."""
+    from .. import list_presets
+
+    if os.path.isfile(ref) and ref.endswith(".gguf"):
+        return "gguf"
+    if os.path.isdir(ref):
+        return "folder"
+    if ref in list_presets():
+        return "preset"
+    if os.path.exists(ref):
+        raise EvalError(f"{ref} is a file but not a .gguf file; pass a model folder, a .gguf file or a preset.")
+    raise EvalError(f"model {ref!r} does not exist: pass a folder saved with save_pretrained, a .gguf file, "
+                    f"or a seekv4 preset ({', '.join(list_presets())}).")
+
+
 def load_model(ref: str, dtype: str = "float32") -> LoadedModel:
     """`ref`: a folder saved with save_pretrained (with its tokenizer), a `.gguf` file, or a seekv4 preset."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .. import SeekV4Config, SeekV4ForCausalLM, list_presets
+    from .. import SeekV4Config, SeekV4ForCausalLM
 
     torch_dtype = getattr(torch, dtype)
-    if os.path.isfile(ref) and ref.endswith(".gguf"):
+    kind = model_kind(ref)
+    if kind == "gguf":
         folder, name = os.path.split(os.path.abspath(ref))
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
-    elif os.path.isdir(ref):
+    elif kind == "folder":
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype)
         try:
             tokenizer = AutoTokenizer.from_pretrained(ref)
@@ -57,7 +75,7 @@ def load_model(ref: str, dtype: str = "float32") -> LoadedModel:
                 raise EvalError(f"{ref} has no loadable tokenizer ({err}); save one with "
                                 "tokenizer.save_pretrained(folder).") from err
             tokenizer = _byte_tokenizer(model.config)  # seekv4's documented stand-in for tokenizer-less models
-    elif ref in list_presets():
+    else:
         from ..modeling.summary import parameter_counts
 
         config = SeekV4Config.from_preset(ref)
@@ -65,14 +83,9 @@ def load_model(ref: str, dtype: str = "float32") -> LoadedModel:
         if total > MAX_RANDOM_PARAMS:
             raise EvalError(f"preset {ref} has {total:,} parameters; a randomly initialised baseline is only "
                             f"built for presets up to {MAX_RANDOM_PARAMS:,} (e.g. tiny). Pass a trained model folder.")
-        torch.manual_seed(0)
+        torch.manual_seed(PRESET_SEED)
         model = SeekV4ForCausalLM(config).to(torch_dtype)
         tokenizer = _byte_tokenizer(model.config)
-    elif os.path.exists(ref):
-        raise EvalError(f"{ref} is a file but not a .gguf file; pass a model folder, a .gguf file or a preset.")
-    else:
-        raise EvalError(f"model {ref!r} does not exist: pass a folder saved with save_pretrained, a .gguf file, "
-                        f"or a seekv4 preset ({', '.join(list_presets())}).")
     context = getattr(model.config, "max_position_embeddings", None)
     if not isinstance(context, int):
         raise EvalError(f"{ref}: the config has no max_position_embeddings, so the context length is unknown.")

@@ -4,12 +4,16 @@ context (`loglikelihood`, the same tokens lm-eval's `loglikelihood` scores).
 
 Output folder: `samples.partial.jsonl` grows one line per record while running (a rerun skips records already
 there); on completion it becomes `samples.jsonl` and `results.json`, `results.md`, `results.png` are written.
-A folder without `results.json` is therefore never a finished run.
+A folder without `results.json` is therefore never a finished run. Each sample records its run identity: the
+content fingerprint of the model (see fingerprint.py), the dtype, the sha256 of its task's records and of the
+sources, and the generation settings. A rerun reuses only samples of the same identity, so any --tasks,
+--buckets and --limit select records of one model's run; samples of another model are refused, never mixed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -18,17 +22,18 @@ import time
 
 from . import scoring
 from .build import BUCKETS, DATA_DIR
+from .fingerprint import DigestCache, model_fingerprint, task_fingerprints
 from .prompts import (MAX_NEW_TOKENS, EvalError, load_records, load_sources, parse_buckets, parse_tasks,
                       perplexity_pair, render)
 
 NEXTLINE_TASKS = ("repo_nextline", "file_nextline", "api_recall")   # prediction = the next code line
-# Samples written before builder v2 identify their run by the sha256 of the whole v1 tasks.jsonl; its records
-# of these tasks are byte-identical in v2 (per-task sha256 below = manifest "task_sha256"; tested), so such
-# samples stay valid and old runs resume.
-LEGACY_TASKS_SHA256 = {"406cd7f2190ef728975371a1820f70d2fd0d9d18e64ec6b9c484e7a26d55f5ce": {
-    "repo_nextline": "fa27167a49fc36769d98b2c02ada2e9707cd589cb91f586968fb4522b58ee35b",
-    "file_nextline": "bad4872e7a40590b89e06a2f0ee4c2c6a91cd5723b3943c2bcb3b6d85be2260d",
-    "code_needle": "cfd5717b54e273b49147ce41195ce3f555cd81f2471a8beb49aed01ef92035e7"}}
+RUN_FILES = ("samples.partial.jsonl", "samples.jsonl", "results.json", "results.md", "results.png")
+RUN_PARTS = {"dtype": "--dtype", "task_sha256": "the task's records (tasks.jsonl)",
+             "sources_sha256": "the benchmark sources (sources.jsonl)", "generation": "the generation settings"}
+MODEL_PARTS = {"kind": "the kind of model", "config": "the model config", "weights": "the model weights",
+               "tokenizer": "the tokenizer", "sha256": "the GGUF file", "preset": "the preset", "seed": "the seed"}
+FRESH_START = "pass a new --output folder, or --overwrite to discard the samples and results saved there."
+logger = logging.getLogger("seekv4.eval")
 
 
 def _stop_when(task: str):
@@ -144,37 +149,76 @@ def aggregate(samples: list[dict]) -> dict:
     return out
 
 
-def _run_of(sample: dict) -> dict:
-    """A sample's run identity; pre-v2 samples (whole-file tasks sha256, all tasks' max_new_tokens) mapped to
-    the per-task form."""
-    run = sample["run"]
-    legacy = LEGACY_TASKS_SHA256.get(run.get("tasks_sha256"), {})
-    if sample["task"] in legacy and isinstance(run.get("max_new_tokens"), dict):
-        return {"model": run["model"], "dtype": run["dtype"], "task_sha256": legacy[sample["task"]],
-                "max_new_tokens": run["max_new_tokens"][sample["task"]]}
-    return run
+def _differences(saved: dict, now: dict) -> list[str]:
+    """What differs between two run identities, in words."""
+    out = []
+    saved_model, now_model = saved.get("model"), now["model"]
+    keys = ["kind"] if saved_model.get("kind") != now_model.get("kind") else [*now_model, *saved_model]
+    for key in dict.fromkeys(keys):
+        if saved_model.get(key) != now_model.get(key):
+            out.append(f"{MODEL_PARTS.get(key, key)} ({_short(saved_model.get(key))} saved, "
+                       f"{_short(now_model.get(key))} now)")
+    for key in dict.fromkeys([*now, *saved]):
+        if key != "model" and saved.get(key) != now.get(key):
+            out.append(f"{RUN_PARTS.get(key, key)} ({_short(saved.get(key))} saved, {_short(now.get(key))} now)")
+    return out
+
+
+def _short(value) -> str:
+    return value[:12] if isinstance(value, str) and len(value) == 64 else repr(value)
 
 
 def _read_samples(path: pathlib.Path, runs: dict) -> list[dict]:
-    """Saved samples of `path`; each must come from the same model, dtype, task data and generation length
-    as `runs[task]` now (the run identity is per task, so adding tasks to a run keeps its other samples)."""
+    """Saved samples of `path`; each must come from the same run identity as `runs[task]` now (per task, so
+    adding tasks to a run keeps its other samples; samples of tasks not requested now must still come from
+    the same model and dtype: one model per folder). A torn last line (an interrupted write) is dropped."""
     if not path.exists():
         return []
-    samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1            # every sample is written as one line ending in a newline
+    samples = []
+    for n, line in enumerate(data[:complete].decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            samples.append(json.loads(line))
+        except ValueError as err:
+            raise EvalError(f"line {n} of {path} is not valid JSON ({err}): the file is damaged; "
+                            f"{FRESH_START}") from err
     now = next(iter(runs.values()))
     for s in samples:
-        run = _run_of(s)
-        # samples of tasks not requested now must still come from the same model and dtype (one model per folder)
-        expected = runs.get(s["task"], {**run, "model": now["model"], "dtype": now["dtype"]})
+        run = s.get("run", {})
+        if not isinstance(run.get("model"), dict):
+            raise EvalError(f"{path} holds samples written before runs were fingerprinted by content, identified "
+                            f"only by the --model string {run.get('model')!r}: they cannot be shown to come "
+                            f"from this model; {FRESH_START}")
+        if s["task"] in runs:
+            expected = runs[s["task"]]
+        else:
+            expected = {**run, "model": now["model"], "dtype": now["dtype"]}
         if run != expected:
-            raise EvalError(f"{path} holds samples of a different run ({run}, now {expected}); "
-                            "pass a new --output folder.")
+            raise EvalError(f"{path} holds samples of a different run ({s['task']}): "
+                            f"{'; '.join(_differences(run, expected))} differ; {FRESH_START}")
+    if complete < len(data):
+        logger.warning(f"{path}: dropped a torn last line ({len(data) - complete} bytes, no newline: an "
+                       "interrupted write); its record is evaluated again.")
+        os.truncate(path, complete)
     return samples
 
 
+def _discard_run(out: pathlib.Path) -> None:
+    """--overwrite: remove the files `seekv4 eval` writes (nothing else in the folder), saying which."""
+    removed = [name for name in RUN_FILES if (out / name).is_file()]
+    for name in removed:
+        (out / name).unlink()
+    if removed:
+        logger.warning(f"--overwrite: removed {', '.join(removed)} from {out}.")
+
+
 def run_eval(model: str, tasks, buckets, output: str, limit: int | None = None, dtype: str = "float32",
-             progress: bool = True) -> dict:
-    """Evaluate `model` on tasks x buckets; write the output folder (see the module docstring); return results."""
+             progress: bool = True, overwrite: bool = False) -> dict:
+    """Evaluate `model` on tasks x buckets; write the output folder (see the module docstring); return results.
+    `overwrite`: discard the folder's saved samples and results (once the model has loaded) and start over."""
     from tqdm.auto import tqdm
 
     from .models import load_model
@@ -186,6 +230,16 @@ def run_eval(model: str, tasks, buckets, output: str, limit: int | None = None, 
     out = pathlib.Path(output)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--output {out} is a file; pass a folder.")
+    # identify the run before loading the model: a mismatch is refused without the cost of a load
+    cache = DigestCache(out)
+    fingerprint = model_fingerprint(model, cache)
+    task_sha256, sources_sha256 = task_fingerprints(DATA_DIR)
+    runs = {t: {"model": fingerprint, "dtype": dtype, "task_sha256": task_sha256[t],
+                "sources_sha256": sources_sha256,
+                "generation": {"do_sample": False, "num_beams": 1, "max_new_tokens": MAX_NEW_TOKENS[t]}}
+            for t in tasks}
+    partial, final = out / "samples.partial.jsonl", out / "samples.jsonl"
+    saved = [] if overwrite else _read_samples(final if final.exists() else partial, runs)
     lm = load_model(model, dtype)
     too_long = [b for b in buckets if BUCKETS[b] > lm.context_length]
     if too_long:
@@ -194,20 +248,20 @@ def run_eval(model: str, tasks, buckets, output: str, limit: int | None = None, 
     records = load_records(tasks, buckets, limit)
     manifest = json.loads((DATA_DIR / "manifest.json").read_text())
     tasks_sha = manifest["files"]["tasks.jsonl"]
-    runs = {t: {"model": model, "dtype": dtype, "task_sha256": manifest["task_sha256"][t],
-                "max_new_tokens": MAX_NEW_TOKENS[t]} for t in tasks}
-    partial, final = out / "samples.partial.jsonl", out / "samples.jsonl"
-    saved = _read_samples(final if final.exists() else partial, runs)
+    if overwrite:
+        _discard_run(out)
     done = {s["id"]: s for s in saved}
     todo = [r for r in records if r["id"] not in done]
     if todo:
         out.mkdir(parents=True, exist_ok=True)
+        cache.save()            # before generating: an interrupted run resumes without re-hashing the weights
         if final.exists():
             final.rename(partial)  # more records requested than the finished run had: extend it
         sources = load_sources()
         count = lambda text: len(lm.encode(text))  # noqa: E731
         with open(partial, "a", encoding="utf-8") as f:
-            for record in tqdm(todo, desc=f"eval {os.path.basename(model)}", disable=not progress):
+            name = os.path.basename(os.path.normpath(model))
+            for record in tqdm(todo, desc=f"eval {name}", disable=not progress):
                 start = time.perf_counter()
                 prompt = render(record, sources, count)
                 sample = {k: record[k] for k in ("id", "task", "bucket", "category", "answers")}
@@ -230,7 +284,7 @@ def run_eval(model: str, tasks, buckets, output: str, limit: int | None = None, 
     samples = [done[r["id"]] for r in records]
     results = {"model": model, "dtype": dtype, "tasks": tasks, "buckets": buckets, "limit": limit,
                "context_length": lm.context_length, "tasks_sha256": tasks_sha, "max_new_tokens": MAX_NEW_TOKENS,
-               "versions": _versions(), "scores": aggregate(samples),
+               "model_fingerprint": fingerprint, "versions": _versions(), "scores": aggregate(samples),
                "samples_sha256": hashlib.sha256(final.read_bytes()).hexdigest()}
     write_reports(results, out)
     return results

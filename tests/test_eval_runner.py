@@ -107,17 +107,6 @@ def test_api_recall_and_perplexity_scores(fake, tmp_path, monkeypatch):
         runner.run_eval("tiny", ["code_needle"], ["2k"], str(tmp_path), limit=1, dtype="bfloat16", progress=False)
 
 
-def test_legacy_samples_map_to_per_task_runs():
-    """Samples written before builder v2 (whole-file tasks sha256) still resume."""
-    legacy_sha, per_task = next(iter(runner.LEGACY_TASKS_SHA256.items()))
-    sample = {"task": "code_needle", "run": {"model": "m", "dtype": "float32", "tasks_sha256": legacy_sha,
-                                             "max_new_tokens": {"repo_nextline": 64, "code_needle": 16}}}
-    assert runner._run_of(sample) == {"model": "m", "dtype": "float32", "task_sha256": per_task["code_needle"],
-                                      "max_new_tokens": 16}
-    unknown = dict(sample, run=dict(sample["run"], tasks_sha256="0" * 64))
-    assert runner._run_of(unknown) == unknown["run"]
-
-
 class CharTokenizer:
     """Characters a, b, c, newline -> ids 0-3 (a `special_ids` tokenizer, as LoadedModel expects of ByteTokenizer)."""
     special_ids = set()
