@@ -22,18 +22,88 @@ def _fail(field: str, value, allowed: str):
 
 class SeekV4Config(PreTrainedConfig):
     r"""
-    Configuration of a seekv4 causal LM.
+    Configuration of a seekv4 causal LM: one config for the whole DeepSeek-V3 / V3.2 / V4 family, with per-layer
+    schedules for every sparsity axis (docs/architecture.md). `SeekV4Config.from_preset(name, **overrides)` fills it
+    with a published shape (`seekv4.list_presets()`). Every invalid value raises a ValueError naming the field.
 
-    Per-layer schedules (one entry per decoder layer) choose the implementation on each sparsity axis:
-      * `attention_types[i]` in `ATTENTION_KINDS`: `gqa` (multi-head / grouped-query, hosts dense
-        pretrained models) or `mla` (Multi-head Latent Attention, DeepSeek-V2/V3).
-      * `ffn_types[i]` in `FFN_KINDS`: `dense` (SwiGLU), `moe` (shared + routed experts, learned router),
-        `hash_moe` (routed by a frozen token-id -> experts table).
-    Left as `None`, `attention_types` is all `mla` and `ffn_types` is `first_k_dense_replace` dense
-    layers followed by `moe` layers (DeepSeek-V3's layout).
+    Sizes and tokens:
+        vocab_size, hidden_size, num_hidden_layers: vocabulary, model width, decoder layers.
+        intermediate_size: width of `dense` FFN layers. hidden_act: only "silu" (SwiGLU).
+        max_position_embeddings: the longest sequence (cached + new tokens) the model accepts.
+        rms_norm_eps: epsilon of every RMSNorm. initializer_range: std of the normal weight init.
+        tie_word_embeddings: share the input embedding with the LM head. use_cache: default of `forward(use_cache)`.
+        pad_token_id, bos_token_id, eos_token_id: special token ids (eos may be a list).
 
-    The schedules are deliberately not called `layer_types`: transformers re-validates that name with
-    its own allowed values when a Trainer checkpoint is resumed (see hf-integration.md §1.2).
+    Schedules (one entry per layer):
+        attention_types: "gqa" | "mla" | "v4" per layer; None -> all "mla".
+        attention_sparsity: per layer, "dense" | "dsa" for gqa/mla, "sliding" | "csa" | "hca" for v4; None -> dense
+            (sliding for v4).
+        ffn_types: "dense" | "moe" | "hash_moe" per layer; None -> `first_k_dense_replace` dense layers, then moe.
+        first_k_dense_replace: dense FFN layers at the start when `ffn_types` is None (DeepSeek-V3's layout).
+        (Not called `layer_types`: transformers re-validates that name against its own cache kinds when a Trainer
+        checkpoint is resumed; `config.layer_types` is derived from these schedules and never serialised.)
+
+    Attention, shared:
+        num_attention_heads: query heads. attention_bias: biases on the q/k/v/o projections.
+        attention_dropout: dropout on attention probabilities while training.
+        rope_parameters: {"rope_type": "default" | "linear" | "yarn", "rope_theta": ..., YaRN: "factor",
+            "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+            "attention_factor"}.
+    gqa:
+        num_key_value_heads: shared K/V heads (None -> num_attention_heads). head_dim: per-head width (None ->
+            hidden_size // num_attention_heads). partial_rotary_factor: share of head_dim that RoPE rotates.
+    mla (docs/attention.md#mla):
+        q_lora_rank: query latent width (None: full-rank queries). kv_lora_rank: cached KV latent width.
+        qk_nope_head_dim, qk_rope_head_dim, v_head_dim: per-head widths of the non-rotated key part, the shared RoPE
+            key and the value. rope_interleave: rotate adjacent pairs (DeepSeek's layout) rather than halves.
+    KV cache precision:
+        kv_cache_dtype: "auto" (model dtype) | "fp8_e4m3": the MLA latent is stored as FP8 records and V4's window
+            K=V and compressed entries are FP8-rounded (docs/attention.md#fp8-cache-records).
+        kv_cache_fp8_block: values per power-of-two float32 scale in those records.
+    DeepSeek Sparse Attention and the lightning indexer (docs/indexer.md):
+        index_n_heads, index_head_dim, index_rope_head_dim: indexer heads, their width, and the rotated dims.
+        index_topk: keys (DSA) or compressed entries (CSA) each query selects.
+        dsa_mode: "sparse" (attend over the top-k) | "dense_warmup" (dense attention; the indexer is distilled from it).
+        indexer_loss_weight: weight of the indexer KL in `loss` while training (0 disables it).
+        indexer_implementation: how DSA and CSA select their top-k (docs/indexer.md#implementations); may be switched
+            on a loaded model.
+    v4 (docs/attention.md#v4-deepseek-v4-hybrid-attention):
+        sliding_window: raw tokens every query sees, itself included.
+        csa_compress_ratio, hca_compress_ratio: tokens pooled per compressed entry in CSA (overlapping windows) and
+            HCA layers. compress_rope_parameters: RoPE of csa/hca layers (None -> rope_parameters).
+        o_groups, o_lora_rank: groups of the grouped low-rank output projection and each group's rank.
+        (v4 also uses num_attention_heads, head_dim — the single K=V head's width —, qk_rope_head_dim, q_lora_rank.)
+
+    MoE (docs/ffn.md):
+        moe_intermediate_size: width of each expert. n_routed_experts, n_shared_experts, num_experts_per_tok:
+            routed experts, always-on shared experts, experts per token.
+        scoring_func: "softmax" | "sigmoid" | "sqrtsoftplus". n_group, topk_group: group-limited routing (1: off).
+        norm_topk_prob: renormalise the chosen experts' scores. routed_scaling_factor: multiplies routed weights.
+        swiglu_limit: clamp of the SwiGLU gate / up projections (None: no clamp; V4: 10).
+        router_bias_update_rate: step of the aux-loss-free bias update (`model.update_router_biases()`).
+        aux_loss_alpha: weight of the sequence-wise balance loss (0: off). output_router_logits: return gate logits.
+        hash_moe_seed: seed of the balanced token -> experts table of `hash_moe` layers.
+
+    Residual streams (docs/residual.md):
+        residual_kind: "plain" | "hc" (Hyper-Connections) | "mhc" (V4's manifold-constrained HC).
+        hc_mult: streams (None -> 1 for plain, 4 otherwise). hc_sinkhorn_iters, hc_eps: mHC's Sinkhorn iterations and
+            epsilon. mhc_init: "identity" (starts as a pre-norm residual network) | "uniform" (transformers' V4 init),
+            docs/decisions.md#d2-mhc-init.
+
+    Engram memory (docs/engram.md):
+        engram_layer_ids: 0-based layers with an Engram module (None/[]: off).
+        engram_max_ngram_size: n-gram orders 2..N. engram_n_heads: hash heads per order. engram_head_dim: row width.
+        engram_vocab_size: per order, the base size of each head's table (rows = distinct primes above it).
+        engram_kernel_size: short causal convolution width (0: none, as V4.1).
+        engram_pad_id: raw id hashed before the sequence start and at padding (None -> pad_token_id).
+        engram_seed: multipliers of layer l come from numpy default_rng(seed + 10007·l).
+        engram_compressed_vocab_size: size of the compressed vocabulary (None -> vocab_size).
+        engram_storage: tables in "device" memory, "host" memory or memory-mapped from "disk".
+        engram_table_dir: folder of the disk tables. engram_write_buffer_mib: RAM buffer of updated disk-table rows.
+
+    Multi-token prediction (docs/mtp.md):
+        num_nextn_predict_layers: MTP modules (0: none); module k predicts token t+1+k.
+        mtp_loss_weight: loss += weight · mean over modules of their LM losses.
     """
 
     model_type = "seekv4"
@@ -77,7 +147,7 @@ class SeekV4Config(PreTrainedConfig):
     # "fp8_e4m3": the mla latent is stored (and, so cached and uncached runs agree, always used) in fp8 with one
     # power-of-two float32 scale per `kv_cache_fp8_block` values; the RoPE key stays in the model dtype.
     # For v4 attention the non-RoPE dims of the window K=V and of compressed entries are FP8-rounded the same way
-    # (the official V4 demo's simulation, block 64; spec Q16), while the cache itself stays in the model dtype.
+    # (the official V4 demo's simulation, block 64; docs/decisions.md#d7-v4-fp8-simulation), while the cache itself stays in the model dtype.
     # (FlashMLA's V3.2 layout: 656 B/token/layer at full size in bf16)
     kv_cache_dtype: str = "auto"
     kv_cache_fp8_block: int = 128
@@ -122,7 +192,7 @@ class SeekV4Config(PreTrainedConfig):
     hc_mult: int | None = None  # streams n; None -> 1 for `plain`, 4 for `hc`/`mhc`
     hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn–Knopp iterations on the mixing matrix
     hc_eps: float = 1e-6  # mhc: added to `pre` and to every Sinkhorn denominator
-    mhc_init: str = "identity"  # from-scratch init: `identity` (starts as a pre-norm residual, spec Q5) | `uniform` (HF V4)
+    mhc_init: str = "identity"  # from-scratch init: `identity` (a pre-norm residual at init, decisions.md#d2) | `uniform` (HF V4)
     # ---- engram (modeling/engram.py): hashed n-gram memory added to the streams at the start of some layers
     engram_layer_ids: list[int] | None = None  # 0-based layers with an Engram module; None/[] = off
     engram_max_ngram_size: int = 3  # n-gram orders 2..N

@@ -23,7 +23,7 @@ _DEEPSEEK_V4 = dict(
     vocab_size=129280, max_position_embeddings=1048576, head_dim=512, qk_rope_head_dim=64, o_lora_rank=1024,
     sliding_window=128, csa_compress_ratio=4, hca_compress_ratio=128, index_n_heads=64, index_head_dim=128,
     rope_parameters=dict(rope_type="default", rope_theta=10000.0),
-    # YaRN frequencies only: the reference does not scale cos/sin (attention_factor 1, spec §4.8)
+    # YaRN frequencies only: the reference does not scale cos/sin (attention_factor 1, docs/decisions.md#d8-v4-yarn)
     compress_rope_parameters=dict(rope_type="yarn", rope_theta=160000.0, factor=16.0, attention_factor=1.0,
                                   original_max_position_embeddings=65536, beta_fast=32, beta_slow=1),
     n_shared_experts=1, num_experts_per_tok=6, scoring_func="sqrtsoftplus", swiglu_limit=10.0, norm_topk_prob=True,
@@ -93,7 +93,7 @@ PRESETS: dict[str, dict] = {
         residual_kind="mhc", hc_mult=4, engram_layer_ids=[1], engram_max_ngram_size=3, engram_n_heads=2,
         engram_head_dim=16, engram_vocab_size=[1021, 1021], num_nextn_predict_layers=1,
     ),
-    # DeepSeek-V4 (official config.json files, spec §4.2): hybrid sliding / CSA / HCA attention, mHC,
+    # DeepSeek-V4 (the official config.json files): hybrid sliding / CSA / HCA attention, mHC,
     # sqrt-softplus MoE with hash routing in the first 3 layers, clamped SwiGLU, one MTP module.
     "deepseek-v4-flash": dict(
         _DEEPSEEK_V4, hidden_size=4096, num_hidden_layers=43, num_attention_heads=64, q_lora_rank=1024,
@@ -107,11 +107,11 @@ PRESETS: dict[str, dict] = {
         ffn_types=["hash_moe"] * 3 + ["moe"] * 58, o_groups=16, index_topk=1024,
         n_routed_experts=384, moe_intermediate_size=3072, routed_scaling_factor=2.5,
     ),
-    # DeepSeek-V4.1-Flash (spec App. A): 40 MoE layers (no hash layers listed), hidden 5120, 384 experts of 2304,
+    # DeepSeek-V4.1-Flash (the V4.1 training port's config): 40 MoE layers (no hash layers listed), hidden 5120, 384 experts of 2304,
     # mHC, Engram at layers 1 and 14 (§6.7: orders 2-4, 8 heads x 256, 16M base rows per head, no short conv,
     # compressed vocab 99,092, pad id 2). Attention follows V4-Flash's sliding / CSA / HCA schedule: V4.1's CSA2
     # (2:1 and 1:1 compression with cross-layer KV sharing) is not implemented. DSpark drafts replace MTP (not
-    # modelled: no MTP module). rms_norm_eps stays V4's 1e-6 (NeMo's 1e-20 is unverified, spec Q12).
+    # modelled: no MTP module). rms_norm_eps stays V4's 1e-6 (NeMo's 1e-20 is unverified, docs/decisions.md#d4-v41-rms-norm-eps).
     "deepseek-v4.1-flash": dict(
         _DEEPSEEK_V4, hidden_size=5120, num_hidden_layers=40, num_attention_heads=64, q_lora_rank=1280,
         attention_types=["v4"] * 40, attention_sparsity=["sliding"] * 2 + ["csa", "hca"] * 19,

@@ -145,3 +145,16 @@ def test_checkpoint_with_wrong_shapes(tmp_path, tiny):
 def test_invalid_dsa_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"SeekV4Config\.{field}.*invalid"):
         SeekV4Config.from_preset("tiny-deepseek-v3.2", **overrides)
+
+
+def test_every_config_field_is_documented_in_the_docstring():
+    """A field added without a line in SeekV4Config's docstring fails here (users read the docstring, not the code)."""
+    import re
+
+    doc = SeekV4Config.__doc__
+    fields = [name for name in SeekV4Config.__annotations__ if name in SeekV4Config.__dict__
+              and not name.startswith("_") and name not in ("model_type", "keys_to_ignore_at_inference",
+                                                             "attribute_map")]
+    assert len(fields) > 70
+    missing = [f for f in fields if not re.search(rf"\b{f}\b", doc)]
+    assert not missing, f"undocumented SeekV4Config fields: {missing}"
