@@ -21,7 +21,7 @@ from .attention_gqa import GQAAttention
 from .attention_mla import MLAAttention
 from .attention_v4 import V4Attention
 from .engram import Engram, EngramCacheLayer, EngramMemory, NgramHasher, engram_cache
-from .engram_table import EngramTable
+from .engram_table import EngramTable, restore_engram_tables
 from .moe import DenseFFN, Experts, HashRouter, MoE, Router
 from .mtp import MTPModule, mtp_block_config, shift_left
 from .norm import RMSNorm
@@ -136,6 +136,7 @@ class SeekV4PreTrainedModel(PreTrainedModel):
                 init.ones_(module.conv_norm)
                 init.normal_(module.conv.weight, mean=0.0, std=std)
         elif isinstance(module, EngramTable):
+            module.mark_dirty()  # disk: a whole-table write
             init.normal_(module.weight, mean=0.0, std=1.0)  # nn.Embedding's default, as in the Engram demo
             init.zeros_(module.row_sum_sq)
         elif isinstance(module, EngramMemory):
@@ -155,10 +156,9 @@ class SeekV4PreTrainedModel(PreTrainedModel):
         check_shapes = strict and not kwargs.get("ignore_mismatched_sizes", False)
         if check_shapes:  # let transformers report the mismatches instead of raising a generic error
             kwargs["ignore_mismatched_sizes"] = True
+        explicit_table_dir = kwargs.get("engram_table_dir") is not None
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        for module in model.modules():
-            if isinstance(module, EngramTable):
-                module.restore_storage()
+        restore_engram_tables(model, explicit_table_dir)  # disk tables: new files, never the config's live ones
         if strict:
             head_only = not hasattr(model, "lm_head")  # a base model may load a checkpoint with an LM head
             problems = {
