@@ -24,13 +24,16 @@ and a state:
     `flush()` (or the end of `from_pretrained`'s copy), which fsyncs the file and marks it `complete`;
   * `complete`: the file holds the table as of its last flush, plus the flush described by `T.bin.journal`
     if that file exists.
-A flush is crash-safe by a redo journal, not by rewriting the (GB-sized) file: the sorted rows and their
-new values go to `T.bin.journal.tmp` with a header (creation id, shape) and a CRC-32, which is fsynced and
-renamed to `T.bin.journal` (the commit point); then the rows are written into the mapping, the file is
-fsynced and the journal deleted. A process killed before the rename leaves the old table, one killed after
-leaves a journal that `open_table_file` replays (the values are absolute, so replaying twice is harmless):
-on reopen a table is the old one or the new one, never a mix. A `dirty` table, or a journal that fails its
-checks, is refused with a ValueError: reload the model from its checkpoint.
+A flush is crash-safe by a redo journal, not by rewriting the (GB-sized) file: the file is fsynced (so what
+earlier flushes wrote is durable and their journal can go), the sorted rows and their new values go to
+`T.bin.journal.tmp` with a header (creation id, shape) and a CRC-32, which is fsynced and renamed to
+`T.bin.journal` (the commit point), then the rows are written into the mapping. `flush()` (and so saving,
+and the end of training) then fsyncs the file and deletes the journal; a flush because the buffer is full
+leaves both to the next flush, so it does not wait for the writeback of its own scattered pages. A process
+killed before the rename leaves the old table, one killed after leaves a journal that `open_table_file`
+replays (the values are absolute, so replaying twice is harmless): on reopen a table is the old one or the
+new one, never a mix. A `dirty` table, or a journal that fails its checks, is refused with a ValueError:
+reload the model from its checkpoint.
 
 Nothing writes a table it did not create. A model built from a config creates its table files exclusively
 and raises if `engram_table_dir` already holds one: the folder may hold trained rows (of another run, or
@@ -105,7 +108,7 @@ class EngramTable(nn.Module):
 
     def _allocate(self) -> torch.Tensor:
         if self.storage != "disk" or torch.empty(0).device.type == "meta":
-            return torch.empty(self.num_rows, self.dim)  # from_pretrained builds on meta: restore_storage makes the file
+            return torch.empty(self.num_rows, self.dim)  # from_pretrained builds on meta: restore_storage creates it
         weight, self._manifest = create_table_file(self.path, self.num_rows, self.dim)
         return weight
 
@@ -132,7 +135,8 @@ class EngramTable(nn.Module):
         self.row_sum_sq = self.row_sum_sq.to(target.device)
         if self.storage == "disk":
             self._new_write_buffer()  # the loaded weights supersede pending updates
-            self._commit()  # the file now holds the checkpoint's table: durable and complete
+            with self._lock:
+                self._sync()  # the file now holds the checkpoint's table: durable and complete
 
     def _apply(self, fn, recurse=True):
         # host / disk tables stay where they are when the model moves to an accelerator or changes dtype
@@ -157,7 +161,7 @@ class EngramTable(nn.Module):
         with self._lock:
             self._check_owner()
             self._set_state("dirty")
-            if os.path.exists(self.path + ".journal"):  # of a flush interrupted in this process: superseded
+            if os.path.exists(self.path + ".journal"):  # of the last flush: superseded by the whole-table write
                 os.remove(self.path + ".journal")
 
     # ---- read ------------------------------------------------------------------------------------
@@ -253,31 +257,31 @@ class EngramTable(nn.Module):
 
     def flush(self):
         """Write the buffered rows of a disk table to its file (sorted, so the file is walked once) through the
-        journal, fsync it and mark it complete: on return the file holds every update, durably."""
+        journal, then fsync it: on return the file holds every update, durably, and is marked complete."""
         if self.storage == "disk":
             with self._lock:
-                self._flush_locked()
+                self._flush_locked(durable=True)
 
-    def _flush_locked(self):
-        n = self._buffered
-        if not n:
-            self._commit()  # an initialised / loaded file becomes complete
-            return
-        rows, order = self._buf_rows[:n].sort()
-        self._write_file(rows, self._buf_vals, order)
-        self._slot[rows] = -1
-        self._buffered = 0
+    def _flush_locked(self, durable: bool = False):
+        """`durable=False` (the buffer is full, inside `step`): the journal of this flush stays until the next
+        one, see `_write_file`."""
+        if n := self._buffered:
+            rows, order = self._buf_rows[:n].sort()
+            self._write_file(rows, self._buf_vals, order)
+            self._slot[rows] = -1
+            self._buffered = 0
+        if durable:
+            self._sync()
 
     def _write_file(self, rows: torch.Tensor, values: torch.Tensor, order: torch.Tensor | None = None):
-        """rows [R] ascending <- values[order] (values [R, D] when order is None), crash-safe: journal (commit
-        point: its rename), rows into the mapping, fsync, journal deleted."""
-        self._commit()  # a journal only ever describes a flush on top of a complete file
+        """rows [R] ascending <- values[order] (values [R, D] when order is None), crash-safe: everything written
+        before is made durable (`_sync`: at most one journal exists), this flush's journal is committed, then its
+        rows go into the mapping. Its fsync waits for the next flush: by then the kernel has written most of
+        these pages back in the background, so a flush during training rarely waits for the disk."""
+        self._sync()
         journal = self.path + ".journal"
         _write_journal(journal, self._manifest, rows, self._chunks(rows, values, order), self.weight.dtype)
         self._apply_rows(rows, values, order)
-        _fsync(self.path)
-        os.remove(journal)
-        _fsync(os.path.dirname(os.path.abspath(journal)))
 
     def _apply_rows(self, rows: torch.Tensor, values: torch.Tensor, order: torch.Tensor | None):
         for part, vals in self._chunks(rows, values, order):
@@ -290,13 +294,22 @@ class EngramTable(nn.Module):
             vals = values[part] if order is None else values.index_select(0, order[part])
             yield part, vals.to(self.weight.dtype).contiguous()
 
-    def _commit(self):
-        """fsync a dirty file and mark it complete (no-op for a complete one, or before the file exists)."""
-        if self._manifest is None or self._manifest["state"] == "complete":
+    def _sync(self):
+        """Make every write so far durable: fsync the file, then mark it complete if it was dirty, or delete the
+        journal of the last flush (now redundant). A no-op when neither is pending, or before the file exists."""
+        if self._manifest is None:
+            return
+        dirty, journal = self._manifest["state"] == "dirty", self.path + ".journal"
+        pending = os.path.exists(journal)
+        if not (dirty or pending):
             return
         self._check_owner()
         _fsync(self.path)
-        self._set_state("complete")
+        if dirty:
+            self._set_state("complete")
+        if pending:
+            os.remove(journal)
+            _fsync(os.path.dirname(os.path.abspath(journal)))
 
     def _set_state(self, state: str):
         self._manifest = {**self._manifest, "state": state}
@@ -453,7 +466,8 @@ def _read_manifest(path: str) -> dict:
                          f"seekv4, or its creation was interrupted. {_RELOAD}") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"Engram table manifest {path}.json is not valid JSON ({err}). {_RELOAD}") from None
-    if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get("version")) != (_FORMAT, _FORMAT_VERSION):
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    if version != _FORMAT_VERSION or manifest.get("format") != _FORMAT:
         raise ValueError(f"{path}.json is not a version-{_FORMAT_VERSION} {_FORMAT} manifest. {_RELOAD}")
     return manifest
 

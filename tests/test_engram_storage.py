@@ -94,9 +94,9 @@ def test_from_pretrained_never_writes_the_live_table_dir_of_the_checkpoint_confi
     assert digest(live) == before
 
 
-def _buffered_update(path, rows=64, dim=4, touched=range(0, 64, 2)):
+def _buffered_update(path, rows=64, dim=4, touched=range(0, 64, 2), buffer_rows=64):
     """A committed table of known values plus a buffered update of `touched` rows; returns (table, old, new)."""
-    table = EngramTable(rows, dim, "disk", str(path), write_buffer_rows=rows)
+    table = EngramTable(rows, dim, "disk", str(path), write_buffer_rows=buffer_rows)
     old = torch.arange(rows * dim, dtype=torch.float32).view(rows, dim)
     with torch.no_grad():
         table.weight.copy_(old)
@@ -159,6 +159,21 @@ def test_flush_killed_before_its_journal_is_committed_keeps_the_old_table(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["t.bin", "t.bin.json"]  # the uncommitted journal is gone
     table.flush()  # the buffer survived: a later flush completes the update
     assert torch.equal(open_table_file(path, 64, 4), new)
+
+
+def test_a_flush_for_a_full_buffer_keeps_its_journal_until_the_file_is_synced(tmp_path):
+    """Inside `step` a full buffer is flushed without waiting for the writeback; its journal covers a crash."""
+    path = str(tmp_path / "t.bin")
+    table, old, new = _buffered_update(path, buffer_rows=40)  # 32 rows buffered: 16 new ones overflow it
+    idx = torch.arange(1, 33, 2)
+    (table.gather(idx) * 0.5).sum().backward()
+    table.step(0.5)
+    assert table._buffered == 16 and os.path.exists(path + ".journal")  # the 32 rows are in the file + journal
+    view = torch.from_file(path, shared=True, size=256, dtype=torch.float32).view(64, 4)
+    assert torch.equal(view, new)
+    table.flush()  # durable: fsync, then the journal goes
+    assert not os.path.exists(path + ".journal") and torch.equal(open_table_file(path, 64, 4), view)
+    assert torch.equal(view, table.rows(torch.arange(64))) and not torch.equal(view, new)
 
 
 def test_a_table_marked_dirty_without_recovery_info_is_refused_on_open(tmp_path):
