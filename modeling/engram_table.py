@@ -278,6 +278,7 @@ class EngramTable(nn.Module):
         before is made durable (`_sync`: at most one journal exists), this flush's journal is committed, then its
         rows go into the mapping. Its fsync waits for the next flush: by then the kernel has written most of
         these pages back in the background, so a flush during training rarely waits for the disk."""
+        self._check_owner()  # before the journal too: its name is the table's
         self._sync()
         journal = self.path + ".journal"
         _write_journal(journal, self._manifest, rows, self._chunks(rows, values, order), self.weight.dtype)

@@ -176,6 +176,19 @@ def test_a_flush_for_a_full_buffer_keeps_its_journal_until_the_file_is_synced(tm
     assert torch.equal(view, table.rows(torch.arange(64))) and not torch.equal(view, new)
 
 
+def test_a_table_never_writes_a_file_that_replaced_its_own(tmp_path):
+    path = str(tmp_path / "t.bin")
+    table, old, new = _buffered_update(path)
+    for name in os.listdir(tmp_path):  # the folder is emptied and another table is created there
+        os.remove(tmp_path / name)
+    other = EngramTable(64, 4, "disk", path)
+    other.flush()
+    before = digest(tmp_path)
+    with pytest.raises(ValueError, match=r"(?s)t\.bin is no longer the one this model created"):
+        table.flush()
+    assert digest(tmp_path) == before
+
+
 def test_a_table_marked_dirty_without_recovery_info_is_refused_on_open(tmp_path):
     path = str(tmp_path / "t.bin")
     table = EngramTable(8, 4, "disk", path)
