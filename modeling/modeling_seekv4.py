@@ -151,7 +151,8 @@ class SeekV4PreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
         """As `PreTrainedModel.from_pretrained`, but weights that do not match the model (missing,
         unexpected or wrongly shaped keys) are an error naming them, unless `strict=False` (then they are
-        re-initialised / ignored, as transformers does by default)."""
+        re-initialised / ignored, as transformers does by default). Disk Engram tables are copied from the
+        checkpoint into new files, never into a folder that holds a table (`engram_table.restore_engram_tables`)."""
         want_info = kwargs.pop("output_loading_info", False)
         check_shapes = strict and not kwargs.get("ignore_mismatched_sizes", False)
         if check_shapes:  # let transformers report the mismatches instead of raising a generic error
