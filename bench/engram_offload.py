@@ -7,9 +7,10 @@ The backbone is small (the table is larger than every other parameter combined);
 weights. RAM and disk steps alternate (ABBA order, so neither always runs second) on the same batches, so CPU
 contention from other jobs hits both alike; the script reports per-phase medians, the ratio of median steps
 and the median of the per-pair ratios. The disk table's write-back buffer is flushed when full (counted in
-the step that triggers it) and once at the end of each regime; that final flush is timed and amortised over
-the steps whose updates it wrote (the fsync after it, i.e. the writeback, is reported apart: during training
-kernel threads do it in the background). Two regimes for the mapped file: resident in the page cache (a table that
+the step that triggers it: journal, rows; the fsync of the file waits for the next flush, by when kernel threads
+have mostly written the pages back) and once at the end of each regime; that final flush (`flush()`: durable, so
+it includes the fsync of the file) is timed and amortised over the steps whose updates it wrote (the separate
+fsync after it is then ~0). Two regimes for the mapped file: resident in the page cache (a table that
 fits in free RAM), and after evicting it (posix_fadvise DONTNEED), so every row read is a random 4 KiB read
 from the disk (a table larger than RAM). The table file lives in a temporary directory deleted at the end.
 """

@@ -21,7 +21,7 @@ from .attention_gqa import GQAAttention
 from .attention_mla import MLAAttention
 from .attention_v4 import V4Attention
 from .engram import Engram, EngramCacheLayer, EngramMemory, NgramHasher, engram_cache
-from .engram_table import EngramTable
+from .engram_table import EngramTable, restore_engram_tables
 from .moe import DenseFFN, Experts, Gate, HashRouter, MoE, Router
 from .mtp import MTPModule, mtp_block_config, shift_left
 from .norm import RMSNorm
@@ -139,6 +139,7 @@ class SeekV4PreTrainedModel(PreTrainedModel):
                 init.ones_(module.conv_norm)
                 init.normal_(module.conv.weight, mean=0.0, std=std)
         elif isinstance(module, EngramTable):
+            module.mark_dirty()  # disk: a whole-table write
             init.normal_(module.weight, mean=0.0, std=1.0)  # nn.Embedding's default, as in the Engram demo
             init.zeros_(module.row_sum_sq)
         elif isinstance(module, EngramMemory):
@@ -153,15 +154,15 @@ class SeekV4PreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
         """As `PreTrainedModel.from_pretrained`, but weights that do not match the model (missing,
         unexpected or wrongly shaped keys) are an error naming them, unless `strict=False` (then they are
-        re-initialised / ignored, as transformers does by default)."""
+        re-initialised / ignored, as transformers does by default). Disk Engram tables are copied from the
+        checkpoint into new files, never into a folder that holds a table (`engram_table.restore_engram_tables`)."""
         want_info = kwargs.pop("output_loading_info", False)
         check_shapes = strict and not kwargs.get("ignore_mismatched_sizes", False)
         if check_shapes:  # let transformers report the mismatches instead of raising a generic error
             kwargs["ignore_mismatched_sizes"] = True
+        explicit_table_dir = kwargs.get("engram_table_dir") is not None
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        for module in model.modules():
-            if isinstance(module, EngramTable):
-                module.restore_storage()
+        restore_engram_tables(model, explicit_table_dir)  # disk tables: new files, never the config's live ones
         if strict:
             head_only = not hasattr(model, "lm_head")  # a base model may load a checkpoint with an LM head
             problems = {

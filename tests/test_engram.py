@@ -187,6 +187,7 @@ def test_disk_write_buffer_reads_flush_and_threshold(tmp_path):
     disk = EngramTable(40, 4, "disk", str(tmp_path / "t.bin"), write_buffer_rows=6)
     with torch.no_grad():
         ram.weight.copy_(init), disk.weight.copy_(init)
+    disk.flush()  # commits the directly written rows: a table is `dirty` (not openable) until its first flush
     file = open_table_file(str(tmp_path / "t.bin"), 40, 4)  # an independent view of the file
     # step 1: 4 rows -> buffered; the file is untouched, reads see the update
     assert torch.equal(_train_step(ram, torch.tensor([3, 9, 3, 17, 30])), _train_step(disk, torch.tensor([3, 9, 3, 17, 30])))
