@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .norm import RMSNorm
+from .cache_append import amortised_capacity
 from .fp8 import fp8_round_head, pack_fp8, packed_bytes, reinterpret, unpack_fp8
 from .rope import apply_rope_tail
 
@@ -52,10 +53,10 @@ class CompressorState:
         return torch.cat((nope, reinterpret(store[..., split:], self.dtype)), dim=-1)
 
     def grow(self, total: int) -> None:
-        """Make room for `total` entries; capacity grows by 25% (at least 64) so decoding appends are amortised
-        O(1) instead of copying every entry each time a window completes."""
+        """Make room for `total` entries with amortised spare capacity, so decoding appends do not copy every entry
+        each time a window completes."""
         if total > self.store.shape[1]:
-            extra = total - self.store.shape[1] + max(64, total // 4)
+            extra = amortised_capacity(total, min_slack=64) - self.store.shape[1]
             self.store = F.pad(self.store, (0, 0, 0, extra))
         self.length = max(self.length, total)
 
