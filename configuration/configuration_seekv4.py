@@ -141,6 +141,7 @@ class SeekV4Config(PreTrainedConfig):
     mtp_loss_weight: float = 0.3  # loss += weight · mean over modules of their LM losses
 
     def __post_init__(self, **kwargs):
+        kwargs.pop("seekv4_save_id", None)  # config.json's save id (modeling/checkpoint.py) belongs to the files
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
