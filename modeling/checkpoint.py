@@ -14,23 +14,28 @@ config.json), and only the complete, flushed checkpoint is moved into place:
     folder lives inside the target (same filesystem, so every move is a rename). The previous checkpoint's files
     (those this save writes, plus every weights file of the same variant: a stale layout, shards of an older
     save with more shards) are moved into a backup folder `.{name}.old-<id>`, then the new files are moved in
-    (config.json last), then the backup is deleted. If a move fails, the moves are undone: the target is as it
-    was. A crash during the swap leaves no config or missing shards (a loud load error; the previous checkpoint
-    is in the backup folder), never a silent mix.
+    (config.json first out, last in), then the backup is deleted. If a move fails, the moves are undone: the
+    target is as it was. A crash during the swap leaves the folder without config.json (a load error that names
+    the backup folder holding the previous checkpoint), never a silent mix.
+
+Costs: room for both checkpoints until the swap, and one sequential copy of each shard (its new header is longer).
+Old files are renamed away, never rewritten in place: whoever still reads them (a memory map) keeps the old bytes.
 
 `check_checkpoint` runs before transformers reads a local checkpoint: every weights file it will read must be
-complete (a torn file names itself), and in strict mode config.json, the index and every shard must carry the
-same save id. Checkpoints written without ids (by plain transformers) load as before; a config.json without an
-id (written by `config.save_pretrained`, or by hand) is not compared with the weights.
+complete (a torn file names itself), and in strict mode the save ids that config.json, the index and the shards
+carry must agree. Files without an id (written by plain transformers, by `config.save_pretrained`, by hand with
+safetensors) are not compared, so checkpoints of other tools and deliberate edits load as before.
 """
 from __future__ import annotations
 
+import glob
 import inspect
 import json
 import os
 import re
 import shutil
 import uuid
+from collections import Counter
 
 from transformers import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
@@ -239,6 +244,12 @@ def check_checkpoint(path, strict: bool = True, subfolder: str = "", variant: st
     if not os.path.isdir(folder):
         return  # a Hub id (its files are checked by hash on download) or a single file
     single, index, _ = _weights_names(variant)
+    name = os.path.basename(os.path.abspath(folder))
+    backups = sorted(glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.old-*")))
+    if backups and not os.path.isfile(os.path.join(folder, CONFIG_NAME)):  # config.json: first out, last in
+        raise ValueError(f"Checkpoint {folder} is incomplete: a save was interrupted while it swapped files. The "
+                         f"previous checkpoint's files are in {backups[-1]}: move them back into the folder, or save "
+                         "the model into it again.")
     if os.path.isfile(os.path.join(folder, single)):  # transformers' preference
         reference, files = single, [single]
     elif os.path.isfile(os.path.join(folder, index)):
@@ -255,15 +266,16 @@ def check_checkpoint(path, strict: bool = True, subfolder: str = "", variant: st
     if not strict:
         return
     ids = {name: header.get("__metadata__", {}).get(SAVE_ID_KEY) for name, header in headers.items()}
-    expected = ids[single] if reference == single else _json_save_id(os.path.join(folder, index))
-    config = os.path.join(folder, CONFIG_NAME)
-    if os.path.isfile(config) and _json_save_id(config) is not None:  # a config written by hand has none
-        ids[CONFIG_NAME] = _json_save_id(config)
-    strays = sorted(name for name, save_id in ids.items() if save_id != expected)
-    if strays:
+    for name in {reference, CONFIG_NAME} - {single}:
+        if os.path.isfile(os.path.join(folder, name)):
+            ids[name] = _json_save_id(os.path.join(folder, name))
+    ids = {name: save_id for name, save_id in ids.items() if save_id is not None}  # others: by hand / other tools
+    if len(set(ids.values())) > 1:
+        expected = ids.get(reference) or Counter(ids.values()).most_common(1)[0][0]
+        strays = sorted(name for name, save_id in ids.items() if save_id != expected)
         raise ValueError(
             f"Checkpoint {folder} mixes files of different saves: {strays[:8]}{' ...' if len(strays) > 8 else ''} "
-            f"do not carry the save id of {reference} ({expected}). An interrupted or concurrent save (or a copy) "
-            "left the folder inconsistent: save the model into it again (model.save_pretrained(folder)) or restore "
-            "the checkpoint from a complete copy."
+            f"were written by another save than {reference if reference in ids else 'the other files'} (save id "
+            f"{expected}). An interrupted or concurrent save, or a copy, left the folder inconsistent: save the model "
+            "into it again (model.save_pretrained(folder)) or restore the checkpoint from a complete copy."
         )

@@ -218,3 +218,38 @@ def test_safe_serialization_is_accepted_and_false_is_refused(tmp_path):
     assert len(shards(tmp_path)) == 4
     with pytest.raises(ValueError, match="safe_serialization=False"):
         model.save_pretrained(tmp_path, safe_serialization=False)
+
+
+def test_crash_at_any_step_of_the_swap_is_never_a_silent_mix(tmp_path, monkeypatch):
+    """A crash (no rollback) after each file move: the folder loads the old or the new model, or fails loudly."""
+    old, new = make(0), make(1)
+    expected = {"old": logits(old), "new": logits(new)}
+    rename, step = os.rename, 0
+    while True:
+        target = tmp_path / f"ckpt{step}"
+        old.save_pretrained(target, max_shard_size=SHARDED)
+        calls = []
+
+        def crash_after(src, dst, _step=step):
+            if len(calls) == _step:
+                raise SystemExit("power loss")  # every later move fails too: the rollback never happens
+            calls.append(src)
+            return rename(src, dst)
+
+        monkeypatch.setattr(os, "rename", crash_after)
+        try:
+            new.save_pretrained(target, max_shard_size=SHARDED)
+            finished = True
+        except SystemExit:
+            finished = False
+        monkeypatch.undo()
+        try:
+            got = logits(SeekV4ForCausalLM.from_pretrained(target).eval())
+        except ValueError as err:
+            assert "interrupted" in str(err) and ".old-" in str(err)
+        else:
+            assert any(torch.allclose(got, ref, atol=1e-5, rtol=1e-5) for ref in expected.values()), step
+        if finished:
+            break
+        step += 1
+    assert step == 14  # every move (7 old files out, 7 new files in) was a crash point
