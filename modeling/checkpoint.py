@@ -4,8 +4,9 @@ transformers writes a checkpoint file by file into the target folder: a save tha
 next to old ones (which load without complaint and compute something else), and a single-file save over a sharded
 one, or the reverse, leaves the other layout's stale files behind (a stale `model.safetensors` is even preferred
 to a new index). Here transformers writes into a private staging folder instead; each weights file is stamped
-with a fresh save id (safetensors metadata `seekv4_save_id`, also written into the index's metadata and into
-config.json), and only the complete, flushed checkpoint is moved into place:
+with a fresh save id (safetensors metadata `seekv4_save_id`, also written into the index's metadata and, for the
+default variant, into config.json: every variant of a folder shares it), and only the complete, flushed
+checkpoint is moved into place:
 
   * a new target: the staging folder `.{name}.tmp-<id>` next to it is renamed to it (one atomic rename);
   * an existing target: only checkpoint files are swapped, never the folder. It may hold files this save does
@@ -130,14 +131,15 @@ def _stamp_json(path: str, save_id: str, in_metadata: bool):
         os.fsync(f.fileno())
 
 
-def _stamp(folder: str, save_id: str):
+def _stamp(folder: str, save_id: str, variant: str | None):
+    """Stamp the weights files, the index and (default variant only) config.json; flush everything."""
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         if name.endswith(".safetensors"):
             stamp_weights(path, save_id)
         elif re.fullmatch(r".+\.safetensors\.index(\..+)?\.json", name):
             _stamp_json(path, save_id, in_metadata=True)
-        elif name == CONFIG_NAME:
+        elif name == CONFIG_NAME and not variant:  # shared by every variant of a folder: not theirs to claim
             _stamp_json(path, save_id, in_metadata=False)
         elif os.path.isfile(path):
             _fsync(path)
@@ -186,7 +188,7 @@ def save_atomically(model: PreTrainedModel, save_directory, variant: str | None 
     os.makedirs(staging)
     try:
         PreTrainedModel.save_pretrained(model, staging, variant=variant, **kwargs)
-        _stamp(staging, save_id)
+        _stamp(staging, save_id, variant)
         if exists:
             _swap_in(staging, target, variant, save_id)
         else:
@@ -266,7 +268,7 @@ def check_checkpoint(path, strict: bool = True, subfolder: str = "", variant: st
     if not strict:
         return
     ids = {name: header.get("__metadata__", {}).get(SAVE_ID_KEY) for name, header in headers.items()}
-    for name in {reference, CONFIG_NAME} - {single}:
+    for name in {reference, CONFIG_NAME if not variant else single} - {single}:
         if os.path.isfile(os.path.join(folder, name)):
             ids[name] = _json_save_id(os.path.join(folder, name))
     ids = {name: save_id for name, save_id in ids.items() if save_id is not None}  # others: by hand / other tools

@@ -253,3 +253,17 @@ def test_crash_at_any_step_of_the_swap_is_never_a_silent_mix(tmp_path, monkeypat
             break
         step += 1
     assert step == 14  # every move (7 old files out, 7 new files in) was a crash point
+
+
+def test_variant_resave_touches_only_its_variant(tmp_path):
+    make(0).save_pretrained(tmp_path)
+    plain = (tmp_path / "model.safetensors").read_bytes()
+    make(1).save_pretrained(tmp_path, variant="v2", max_shard_size=SHARDED)
+    new = make(2)
+    new.save_pretrained(tmp_path, variant="v2")  # one file: its v2 shards and index go, model.safetensors stays
+    assert shards(tmp_path) == ["model.safetensors", "model.v2.safetensors"]
+    assert not (tmp_path / "model.safetensors.index.v2.json").exists()
+    assert (tmp_path / "model.safetensors").read_bytes() == plain
+    loaded = SeekV4ForCausalLM.from_pretrained(tmp_path, variant="v2").eval()
+    torch.testing.assert_close(logits(loaded), logits(new))
+    SeekV4ForCausalLM.from_pretrained(tmp_path)  # config.json (shared, rewritten by the v2 saves) is not compared
