@@ -229,10 +229,22 @@ def save_pretrained(model: PreTrainedModel, save_directory, push_to_hub: bool = 
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except ValueError as err:
+        raise ValueError(f"Checkpoint file {path} is not valid JSON ({err}); it was probably truncated by an "
+                         "interrupted save or copy. Save the model into its folder again (save_pretrained) or copy "
+                         "the file again from its source.") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"Checkpoint file {path} holds a JSON {type(content).__name__}, not an object; restore it.")
+    return content
+
+
 def _json_save_id(path: str) -> str | None:
     """The save id of config.json (top level) or of an index (in its metadata)."""
-    with open(path, encoding="utf-8") as f:
-        content = json.load(f)
+    content = _read_json(path)
     return (content.get("metadata", {}) if "weight_map" in content else content).get(SAVE_ID_KEY)
 
 
@@ -255,8 +267,7 @@ def check_checkpoint(path, strict: bool = True, subfolder: str = "", variant: st
     if os.path.isfile(os.path.join(folder, single)):  # transformers' preference
         reference, files = single, [single]
     elif os.path.isfile(os.path.join(folder, index)):
-        with open(os.path.join(folder, index), encoding="utf-8") as f:
-            files = sorted(set(json.load(f).get("weight_map", {}).values()))
+        files = sorted(set(_read_json(os.path.join(folder, index)).get("weight_map", {}).values()))
         missing = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
         if missing:
             raise ValueError(f"Checkpoint {folder} is incomplete: {index} lists shards that are missing: {missing}. "

@@ -150,6 +150,14 @@ def test_torn_shard_names_the_file(tmp_path):
         SeekV4ForCausalLM.from_pretrained(tmp_path)
 
 
+def test_torn_index_names_the_file(tmp_path):
+    make(0).save_pretrained(tmp_path, max_shard_size=SHARDED)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_bytes(index.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"(?s)model\.safetensors\.index\.json is not valid JSON.*truncated"):
+        SeekV4ForCausalLM.from_pretrained(tmp_path)
+
+
 def test_every_file_carries_the_save_id(tmp_path):
     make(0).save_pretrained(tmp_path, max_shard_size=SHARDED)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
