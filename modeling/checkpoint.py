@@ -202,7 +202,7 @@ def save_atomically(model: PreTrainedModel, save_directory, variant: str | None 
 _SAVE_PARAMETERS = set(inspect.signature(PreTrainedModel.save_pretrained).parameters) - {"self", "kwargs"}
 
 
-def save_pretrained(model: PreTrainedModel, save_directory, push_to_hub: bool = False, **kwargs):
+def save_checkpoint(model: PreTrainedModel, save_directory, push_to_hub: bool = False, **kwargs):
     """`save_atomically`, then (push_to_hub=True) the upload of the changed files as transformers does it."""
     if kwargs.pop("safe_serialization", True) is False:
         raise ValueError("safe_serialization=False is not supported: transformers 5 writes safetensors only; "

@@ -20,7 +20,7 @@ from ..configuration import SeekV4Config
 from .attention_gqa import GQAAttention
 from .attention_mla import MLAAttention
 from .attention_v4 import V4Attention
-from .checkpoint import check_checkpoint, save_pretrained
+from .checkpoint import check_checkpoint, save_checkpoint
 from .engram import Engram, EngramCacheLayer, EngramMemory, NgramHasher, engram_cache
 from .engram_table import EngramTable
 from .moe import DenseFFN, Experts, HashRouter, MoE, Router
@@ -150,7 +150,7 @@ class SeekV4PreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """As `PreTrainedModel.save_pretrained` (same arguments), but atomic: a failed save leaves the folder as it
         was, a successful one leaves no stale weights files, and files it does not write are kept (checkpoint.py)."""
-        return save_pretrained(self, save_directory, push_to_hub=push_to_hub, **kwargs)
+        return save_checkpoint(self, save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
