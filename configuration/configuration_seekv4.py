@@ -211,6 +211,7 @@ class SeekV4Config(PreTrainedConfig):
     mtp_loss_weight: float = 0.3  # loss += weight · mean over modules of their LM losses
 
     def __post_init__(self, **kwargs):
+        kwargs.pop("seekv4_save_id", None)  # config.json's save id (modeling/checkpoint.py) belongs to the files
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
@@ -249,9 +250,18 @@ class SeekV4Config(PreTrainedConfig):
 
     def validate(self):
         """transformers' class validators minus `validate_layer_type`: our derived `layer_types` names our own cache
-        kinds (checked by `_check` through the schedules they come from), which its fixed list does not know."""
+        kinds (checked by `_check` through the schedules they come from), which its fixed list does not know.
+        `validate_rope` runs without its even-`head_dim` test: only gqa layers rotate `head_dim` (times
+        `partial_rotary_factor`); mla never uses it and v4 rotates its `qk_rope_head_dim` tail, and `_check` tests
+        each kind's rotary width. (Otherwise e.g. mla with 3 heads builds and trains but fails to save.)"""
         for validator in PreTrainedConfig.__class_validators__:
-            if validator.__name__ != "validate_layer_type":
+            if validator.__name__ == "validate_rope":
+                head_dim, self.head_dim = self.head_dim, None
+                try:
+                    validator(self)
+                finally:
+                    self.head_dim = head_dim
+            elif validator.__name__ != "validate_layer_type":
                 validator(self)
 
     def _check(self):

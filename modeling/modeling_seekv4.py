@@ -20,6 +20,7 @@ from ..configuration import SeekV4Config
 from .attention_gqa import GQAAttention
 from .attention_mla import MLAAttention
 from .attention_v4 import V4Attention
+from .checkpoint import check_checkpoint, save_checkpoint
 from .engram import Engram, EngramCacheLayer, EngramMemory, NgramHasher, engram_cache
 from .engram_table import EngramTable, restore_engram_tables
 from .moe import DenseFFN, Experts, Gate, HashRouter, MoE, Router
@@ -150,12 +151,19 @@ class SeekV4PreTrainedModel(PreTrainedModel):
         kinds need the 2-D padding mask), so hand the 2-D mask through unchanged."""
         return attention_mask
 
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """As `PreTrainedModel.save_pretrained` (same arguments), but atomic: a failed save leaves the folder as it
+        was, a successful one leaves no stale weights files, and files it does not write are kept (checkpoint.py)."""
+        return save_checkpoint(self, save_directory, push_to_hub=push_to_hub, **kwargs)
+
     @classmethod
     def from_pretrained(cls, *args, strict: bool = True, **kwargs):
         """As `PreTrainedModel.from_pretrained`, but weights that do not match the model (missing,
         unexpected or wrongly shaped keys) are an error naming them, unless `strict=False` (then they are
-        re-initialised / ignored, as transformers does by default). Disk Engram tables are copied from the
-        checkpoint into new files, never into a folder that holds a table (`engram_table.restore_engram_tables`)."""
+        re-initialised / ignored, as transformers does by default). A local checkpoint must also be whole and, if
+        strict, written by one save (see checkpoint.py). Disk Engram tables are copied from the checkpoint into new
+        files, never into a folder that holds a table (`engram_table.restore_engram_tables`)."""
+        check_checkpoint(args[0] if args else kwargs.get("pretrained_model_name_or_path"), strict, **kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         check_shapes = strict and not kwargs.get("ignore_mismatched_sizes", False)
         if check_shapes:  # let transformers report the mismatches instead of raising a generic error
