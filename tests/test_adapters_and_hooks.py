@@ -50,15 +50,18 @@ def with_lora(model, targets):
 
 
 def lora_targets(model, names):
-    return [m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer) and n.split(".")[-1] in names]
+    return [m for n, m in model.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer) and n.split(".")[-1] in names]
 
 
-@pytest.mark.parametrize("preset,targets", [(p, "all-linear") for p in LORA_PRESETS] + [
-    ("tiny", ["kv_b_proj"]), ("tiny-deepseek-v3.2", ["kv_b_proj"]), ("tiny-deepseek-v4-flash", ["o_a_proj"])])
+@pytest.mark.parametrize("preset,targets", [pytest.param(p, "all-linear", id=f"{p}-all-linear") for p in LORA_PRESETS]
+                         + [pytest.param("tiny", ["kv_b_proj"], id="tiny-kv_b_proj"),
+                            pytest.param("tiny-deepseek-v3.2", ["kv_b_proj"], id="tiny-deepseek-v3.2-kv_b_proj"),
+                            pytest.param("tiny-deepseek-v4-flash", ["o_a_proj"], id="tiny-deepseek-v4-flash-o_a_proj")])
 def test_unmerged_lora_equals_merged_model(preset, targets, mla_absorbed):
     """Unmerged LoRA gives the merged model's logits on a full forward and when decoding with the cache."""
     model = make(preset)
-    ids = prompt(model.config)
+    ids = prompt(model.config, length=40)  # V4 prefill: enough rows for o_a_proj's effective-weight branch
     lora = with_lora(model, targets).eval()
     with torch.no_grad():
         full = lora(input_ids=ids, use_cache=False).logits
@@ -72,9 +75,9 @@ def test_unmerged_lora_equals_merged_model(preset, targets, mla_absorbed):
 
 
 @pytest.mark.parametrize("preset,overrides", [
-    ("tiny-deepseek-v3.2", {}),  # DSA sparse: absorbed MQA over the selected entries
-    ("tiny-deepseek-v3.2", {"dsa_mode": "dense_warmup"}),  # dense warm-up: absorbed attention
-    ("tiny-deepseek-v4-flash", {}),
+    pytest.param("tiny-deepseek-v3.2", {}, id="dsa-sparse"),  # absorbed MQA over the selected entries
+    pytest.param("tiny-deepseek-v3.2", {"dsa_mode": "dense_warmup"}, id="dsa-dense-warmup"),  # absorbed attention
+    pytest.param("tiny-deepseek-v4-flash", {}, id="v4"),
 ])
 def test_lora_on_weight_reading_modules_gets_gradients(preset, overrides):
     """LoRA on kv_b_proj / o_a_proj trains: every adapter matrix of every layer gets a non-zero gradient."""
@@ -170,18 +173,21 @@ def test_qlora_trains_adapters_on_4bit_weight_reading_modules(preset, tmp_path):
     lora = with_lora(q, ["kv_b_proj", "o_a_proj"]).train()
     ids = prompt(q.config)
     lora(input_ids=ids, labels=ids).loss.backward()
-    for layer in lora_targets(lora, ["kv_b_proj", "o_a_proj"]):
+    layers = lora_targets(lora, ["kv_b_proj", "o_a_proj"])
+    assert len(layers) == q.config.num_hidden_layers
+    for layer in layers:
         assert layer.lora_B["default"].weight.grad.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------------------- accelerate offloading
-@pytest.mark.parametrize("preset", ALL_TINY)
-def test_every_parameter_use_goes_through_forward(preset, mla_absorbed):
+@pytest.mark.parametrize("preset,overrides", [pytest.param(p, {}, id=p) for p in ALL_TINY]
+                         + [pytest.param("tiny", {"residual_kind": "hc"}, id="tiny-hc")])
+def test_every_parameter_use_goes_through_forward(preset, overrides, mla_absorbed):
     """accelerate's `cpu_offload` keeps every parameter on the meta device except inside its own module's
     `forward`: a forward and a cached decode that read any parameter elsewhere fail or differ."""
     from accelerate import cpu_offload
 
-    model = make(preset)
+    model = make(preset, **overrides)
     ids = prompt(model.config)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
@@ -199,12 +205,13 @@ def test_disk_offloaded_model_matches_in_memory(preset, tmp_path, mla_absorbed):
     """`from_pretrained(device_map=...)` with some decoder layers and the mHC head on disk."""
     model = make(preset)
     model.save_pretrained(tmp_path / "model")
-    n = model.config.num_hidden_layers
-    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.hc_head": "disk", "lm_head": "cpu",
-                  **{f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(n)}}
-    device_map.update({name: "cpu" for name, _ in model.named_children() if name not in ("model", "lm_head")})
-    device_map.update({f"model.{name}": "cpu" for name, _ in model.model.named_children()
-                       if name not in ("embed_tokens", "norm", "hc_head", "layers")})
+    device_map = {"lm_head": "cpu"}
+    for name, _ in model.model.named_children():  # odd layers and the residual head (mHC: HyperHead) on disk
+        if name == "layers":
+            device_map.update({f"model.layers.{i}": "disk" if i % 2 else "cpu"
+                               for i in range(model.config.num_hidden_layers)})
+        else:
+            device_map[f"model.{name}"] = "disk" if name == "hc_head" else "cpu"
     offloaded = SeekV4ForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
                                                   offload_folder=tmp_path / "offload").eval()
     assert offloaded.model.layers[1].mlp.state_dict() and any(
