@@ -24,6 +24,7 @@ from .attention_common import AttentionAux, apply_mask, attention_kernel, causal
 from .cache_append import cache_update
 from .dsa import DSAMixin
 from .fp8 import pack_fp8, packed_bytes, reinterpret, unpack_fp8
+from .linear_weight import effective_weight, plain_linear
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
 from .sparse_attention import query_chunk, sparse_attention
@@ -117,6 +118,8 @@ class MLAAttention(DSAMixin, nn.Module):
         r, dn, dr, dv = self.kv_lora_rank, self.nope_dim, self.rope_head_dim, self.v_dim
         expanded = kv_len * r * (dn + dv) + q_len * kv_len * (dn + dr + dv)
         absorbed = q_len * r * (dn + dv) + q_len * kv_len * (2 * r + dr)
+        if not plain_linear(self.kv_b_proj):  # its effective weight costs one r-row call (see `_absorbed_weights`)
+            absorbed += r * r * (dn + dv)
         return absorbed < expanded
 
     def _expanded(self, q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs):
@@ -136,8 +139,9 @@ class MLAAttention(DSAMixin, nn.Module):
         )
         return out[..., : self.v_dim], weights  # [B, S, H, dv]
 
-    def _absorbed_weights(self):
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+    def _absorbed_weights(self, like):
+        """W_UK, W_UV as `kv_b_proj` applies them (adapters, quantisation and offload hooks included)."""
+        w = effective_weight(self.kv_b_proj, like).view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]  # W_UK [H, dn, r], W_UV [H, dv, r]
 
     def _sparse(self, q_nope, q_rope, c_kv, k_rope, idx, return_probs: bool):
@@ -146,7 +150,7 @@ class MLAAttention(DSAMixin, nn.Module):
         Query chunks go through the whole absorbed pipeline (q·W_UK, attention, ·W_UV) one at a time, so no
         full-length latent-sized intermediate exists: at 32k tokens each would be a 64 MiB fresh mapping whose
         page faults cost more than the chunk's gathers."""
-        w_uk, w_uv = self._absorbed_weights()
+        w_uk, w_uv = self._absorbed_weights(c_kv)
         b, h, s, _ = q_nope.shape
         k, r = idx.shape[-1], c_kv.shape[-1]
         step = query_chunk(s, 4 * (k * (r + k_rope.shape[-1] + 3 * h) + 3 * h * r))
@@ -174,7 +178,7 @@ class MLAAttention(DSAMixin, nn.Module):
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, attention_mask):
         b, h, s, _ = q_nope.shape
         t = c_kv.shape[2]
-        w_uk, w_uv = self._absorbed_weights()
+        w_uk, w_uv = self._absorbed_weights(c_kv)
         q_lat = torch.einsum("bhsd,hdr->bhsr", q_nope, w_uk)
         # heads fold into the row dimension so the shared latent cache is read once, never copied per head
         scores = torch.bmm(q_lat.reshape(b, h * s, -1), c_kv[:, 0].transpose(1, 2))

@@ -29,6 +29,7 @@ from .dsa import kl_to_indexer
 from .fp8 import fp8_round_head
 from .indexer import LightningIndexer, deterministic_topk, relu_weighted_scores
 from .indexer_kernel import fused_topk
+from .linear_weight import grouped_linear
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rope_tail
 from .sparse_attention import query_chunk, sparse_attention
@@ -243,6 +244,5 @@ class V4Attention(nn.Module):
         # values carry RoPE (K = V): rotating the output back by -t leaves relative positions only
         out = apply_rope_tail(out.transpose(1, 2), cos, -sin).transpose(1, 2)
         grouped = out.reshape(b, s, self.o_groups, -1)  # [B, S, G, H·D/G]
-        w_a = self.o_a_proj.weight.view(self.o_groups, self.o_lora_rank, -1)
-        low = torch.einsum("bsgi,gri->bsgr", grouped, w_a).flatten(2)
+        low = grouped_linear(self.o_a_proj, grouped).flatten(2)
         return self.o_b_proj(low), AttentionAux(indexer_loss=kl_sum / kl_count if kl_count else None)

@@ -206,6 +206,14 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+class Float32DepthwiseConv(nn.Conv1d):
+    """The short convolution in float32 (weights upcast), applied by calling the module so that hooks wrapping
+    `forward` (accelerate's offload loads the weight there) see its weight."""
+
+    def forward(self, x):
+        return F.conv1d(x, self.weight.float(), groups=self.groups, dilation=self.dilation)
+
+
 class Engram(nn.Module):
     """One Engram layer: table lookup -> gated value per stream (+ short conv) -> added to the streams."""
 
@@ -226,12 +234,13 @@ class Engram(nn.Module):
         self.kernel_size, self.dilation = config.engram_kernel_size, config.engram_max_ngram_size
         if self.kernel_size:
             self.conv_norm = nn.Parameter(torch.ones(n, d))
-            self.conv = nn.Conv1d(n * d, n * d, self.kernel_size, groups=n * d, dilation=self.dilation, bias=False)
+            self.conv = Float32DepthwiseConv(n * d, n * d, self.kernel_size, groups=n * d, dilation=self.dilation,
+                                             bias=False)
 
     def forward(self, streams: torch.Tensor, rows: torch.Tensor, cache=None, attention_mask=None) -> torch.Tensor:
         """streams [B, S, n, H], rows [B, S, K, D_h] -> streams + Y."""
         b, s, n, d = streams.shape
-        e = rows.flatten(2).to(self.wkv.weight.dtype)  # [B, S, K·D_h]
+        e = rows.flatten(2).to(streams.dtype)  # [B, S, K·D_h]; not wkv.weight's dtype: 4-bit layers store uint8
         kv = self.wkv(e).float().view(b, s, n + 1, d)
         k, v = kv[:, :, :n], kv[:, :, n]  # [B, S, n, H], [B, S, H]
         q = _rms(streams.float(), self.eps) * self.q_norm.float()
@@ -258,5 +267,5 @@ class Engram(nn.Module):
         if past is not None and past.shape[1]:
             x = torch.cat([past[:, -reach:].to(x.dtype), x], dim=1)
         x = F.pad(x, (0, 0, reach - (x.shape[1] - s), 0))  # left zeros up to the receptive field
-        out = F.conv1d(x.transpose(1, 2), self.conv.weight.float(), groups=n * d, dilation=self.dilation)
+        out = self.conv(x.transpose(1, 2))
         return F.silu(out.transpose(1, 2)).view(b, s, n, d)

@@ -180,7 +180,9 @@ class EngramTable(nn.Module):
             out[~hit] = self.weight.detach().index_select(0, ids[~hit])  # file pages of buffered rows stay untouched
             return out
 
-    def _read(self, indices: torch.Tensor) -> torch.Tensor:
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices [...] -> rows [..., D], no autograd. `gather` and `prefetch` read through the module call so that
+        hooks wrapping `forward` (accelerate's offload loads the weight there) see the weight."""
         return self.rows(indices.reshape(-1)).view(*indices.shape, self.dim)
 
     def _attach(self, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -191,15 +193,14 @@ class EngramTable(nn.Module):
         return rows
 
     def gather(self, indices: torch.Tensor, device=None) -> torch.Tensor:
-        return self._attach(indices, self._to(self._read(indices), device))
+        return self._attach(indices, self._to(self(indices), device))
 
     def prefetch(self, indices: torch.Tensor, device=None) -> _Prefetched:
         """Start gathering now (host/disk: on a worker thread, then an async copy to `device`)."""
-        indices_host = indices.to(self.weight.device)
         if self._worker is None:
-            result = self._to(self._read(indices_host), device)
-            return _Prefetched(self, indices, _Done(result))
-        return _Prefetched(self, indices, self._worker.submit(lambda: self._to(self._read(indices_host), device)))
+            return _Prefetched(self, indices, _Done(self._to(self(indices), device)))
+        indices_host = indices.cpu()  # host and disk tables live in host memory
+        return _Prefetched(self, indices, self._worker.submit(lambda: self._to(self(indices_host), device)))
 
     @staticmethod
     def _to(rows: torch.Tensor, device) -> torch.Tensor:

@@ -275,7 +275,8 @@ class SeekV4Model(SeekV4PreTrainedModel):
             layer_kwargs["key_padding"] = attention_mask.bool()  # [B, T]: sparse kinds mask padding themselves
         if "v4" in self.config.attention_types:
             layer_kwargs["position_ids"] = position_ids  # v4 compressors pool windows of each sample's positions
-        engram_rows, engram_state, engram_ids = self._engram_prefetch(input_ids, attention_mask, past_key_values)
+        engram_rows, engram_state, engram_ids = self._engram_prefetch(input_ids, attention_mask, past_key_values,
+                                                                      inputs_embeds.device)
 
         hidden = expand(inputs_embeds, self.config.hc_mult)  # residual streams [B, S, n, H]
         all_hidden, all_attn, all_router, aux_losses, indexer_losses, recalls = [], [], [], [], [], []
@@ -322,8 +323,9 @@ class SeekV4Model(SeekV4PreTrainedModel):
             mtp_hidden_states=mtp_hidden,
         )
 
-    def _engram_prefetch(self, input_ids, attention_mask, past_key_values):
-        """Hash every Engram layer's rows for the whole forward and start fetching them (spec §6.5)."""
+    def _engram_prefetch(self, input_ids, attention_mask, past_key_values, device):
+        """Hash every Engram layer's rows for the whole forward and start fetching them (spec §6.5) onto `device`,
+        the embeddings' (not read from a weight, which an offload hook may keep on the meta device)."""
         if self.engram is None:
             return None, None, None
         if input_ids is None:
@@ -334,7 +336,6 @@ class SeekV4Model(SeekV4PreTrainedModel):
             state = engram_cache(past_key_values) or EngramCacheLayer()
         ids_c = self.engram.compress(input_ids, attention_mask)
         indices = self.engram.indices(ids_c, state.ids if state is not None else None)
-        device = self.embed_tokens.weight.device
         rows = {i: self.layers[i].engram.table.prefetch(idx, device) for i, idx in indices.items()}
         return rows, state, ids_c
 

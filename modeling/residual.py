@@ -61,8 +61,13 @@ class _MixedStreams(nn.Module):
     """HC and mHC differ only in how `coefficients(streams)` -> (pre [B, S, n], post [B, S, n], mix [B, S, n, n])
     are made: x = Σ_j pre_j X_j feeds the sublayer; X_k' = post_k·y + Σ_j mix_jk X_j (float32)."""
 
+    def forward(self, streams):
+        """The coefficients. `pre` computes them through the module call so that hooks wrapping `forward`
+        (accelerate's offload loads the parameters there) see every use of the site's parameters."""
+        return self.coefficients(streams)
+
     def pre(self, streams):
-        pre, post, mix = self.coefficients(streams)
+        pre, post, mix = self(streams)
         x = torch.einsum("bsj,bsjd->bsd", pre, _fp32(streams))
         return x.to(streams.dtype), (post, mix)
 
