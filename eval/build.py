@@ -340,7 +340,7 @@ def first_call_in_line(line: str, callee: str | None = None) -> tuple[str, int] 
 
 
 def build_api_recall(sources: dict[str, str]) -> list[dict]:
-    """API-call recall (RepoQA-lite, design note eval.md 7.4): the target line is the file's first call of a
+    """API-call recall (RepoQA-lite, docs/evaluation.md#api-recall): the target line is the file's first call of a
     function or class defined in *another* repo file, with >= 2 arguments; the defining file is in the
     context, placed last before the target file so cropping keeps it (it is still a whole file plus the
     target prefix away from the call). The prompt is built exactly as for repo_nextline and ends at the end
@@ -391,8 +391,8 @@ def perplexity_span_start(text: str) -> int:
 
 
 def build_code_perplexity(sources: dict[str, str]) -> list[dict]:
-    """Long-context perplexity (eval.md 7.5): the NLL of a fixed span (the file's last ~PPL_CHARS chars,
-    line-aligned, `target`) given the preceding context cropped to each bucket. The same span is scored at
+    """Long-context perplexity (docs/evaluation.md#code-perplexity): the NLL of a fixed span (the file's last
+    ~PPL_CHARS chars, line-aligned, `target`) given the preceding context cropped to each bucket. The same span is scored at
     every bucket its context fills, so the bucket curve isolates the effect of context length.
     category "repo": cross-file context (as repo_nextline) + the target file's prefix; PPL_FILES_PER_REPO
     hash-chosen files of at least 4 * PPL_CHARS chars per repo. category "file": the LONG_FILES alone."""

@@ -70,7 +70,7 @@ def api_name_match(prediction: str, callee: str) -> float:
 
 
 def api_match(prediction: str, reference: str, callee: str) -> float:
-    """api_recall's main score (design note eval.md 7.4, "EM of the call's function name and argument count"):
+    """api_recall's main score (docs/evaluation.md#api-recall):
     100 if the predicted line parses and its first call of `callee` passes as many arguments (positional +
     keyword) as the target line's first call of `callee`, else 0. Argument values are not compared (EM and
     edit similarity of the whole line cover them)."""

@@ -1,4 +1,5 @@
-"""DeepSeek-V4 KV compressors (spec §4.6, §4.7) and their per-sequence decoding state.
+"""DeepSeek-V4 KV compressors (V4 `Compressor`, docs/attention.md#compressors-v4-compressor) and their per-sequence
+decoding state.
 
 Every `m` consecutive positions of a sequence are pooled into one entry with a per-channel softmax over
 learned gate logits (+ a per-slot bias, `position_bias`, the official `ape`). CSA (`overlap=True`) pools

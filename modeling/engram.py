@@ -1,4 +1,4 @@
-"""Engram: conditional memory by hashed n-gram lookup (arXiv 2601.07372; spec §6).
+"""Engram: conditional memory by hashed n-gram lookup (arXiv 2601.07372; docs/engram.md).
 
 * `NgramHasher` (model level): compressed ids -> per-layer row indices for every position of a forward,
   computed up front (addresses depend on token ids only, so rows can be fetched before the layer runs).
@@ -8,7 +8,7 @@
 * `Engram` (per layer): concatenated retrieved rows e_t -> shared value and one key per stream; a
   context-aware gate per stream α_m = σ(sgnsqrt(RMSNorm(h_m)·RMSNorm(k_m) / sqrt(d))); the gated value,
   optionally through a short causal depthwise convolution (paper demo; none in V4.1), is added to every
-  stream (it bypasses the residual pre/post mixing, spec §6.3).
+  stream (it bypasses the residual pre/post mixing, docs/engram.md).
 * `EngramCacheLayer`: the compressed-id history (and conv inputs) that decoding needs, stored as an extra
   layer of the transformers Cache so beam reordering, batch selection and cropping keep it consistent.
 """
@@ -23,6 +23,7 @@ from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
 from .engram_table import EngramTable
+from .norm import rms_normalize
 
 _LAYER_SEED_PRIME = 10007
 
@@ -202,10 +203,6 @@ class EngramMemory(nn.Module):
             past_key_values.layers.append(state)
 
 
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
 class Float32DepthwiseConv(nn.Conv1d):
     """The short convolution in float32 (weights upcast), applied by calling the module so that hooks wrapping
     `forward` (accelerate's offload loads the weight there) see its weight."""
@@ -243,8 +240,8 @@ class Engram(nn.Module):
         e = rows.flatten(2).to(streams.dtype)  # [B, S, K·D_h]; not wkv.weight's dtype: 4-bit layers store uint8
         kv = self.wkv(e).float().view(b, s, n + 1, d)
         k, v = kv[:, :, :n], kv[:, :, n]  # [B, S, n, H], [B, S, H]
-        q = _rms(streams.float(), self.eps) * self.q_norm.float()
-        k = _rms(k, self.eps) * self.k_norm.float()
+        q = rms_normalize(streams.float(), self.eps) * self.q_norm.float()
+        k = rms_normalize(k, self.eps) * self.k_norm.float()
         a = (q * k).sum(-1) / math.sqrt(d)  # [B, S, n]
         gate = torch.sigmoid(a.sign() * a.abs().clamp_min(1e-6).sqrt())
         y = gate.unsqueeze(-1) * v.unsqueeze(2)  # [B, S, n, H]
@@ -256,7 +253,7 @@ class Engram(nn.Module):
         """SiLU(causal depthwise conv(RMSNorm_m(ṽ))) over time, dilation N; padded positions and positions
         before the sequence start contribute zeros (as the demo's zero padding does)."""
         b, s, n, d = y.shape
-        x = (_rms(y, self.eps) * self.conv_norm.float()).flatten(2)  # [B, S, n·H]
+        x = (rms_normalize(y, self.eps) * self.conv_norm.float()).flatten(2)  # [B, S, n·H]
         if attention_mask is not None and attention_mask.dim() == 2:
             x = x * attention_mask[:, -s:, None].to(x.dtype)
         reach = (self.kernel_size - 1) * self.dilation

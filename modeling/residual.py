@@ -1,5 +1,5 @@
 """Residual kinds: `plain`, `hc` (Hyper-Connections, arXiv 2409.19606) and `mhc` (Manifold-Constrained
-Hyper-Connections, arXiv 2512.24880, in DeepSeek-V4's released form, spec §4.9 / §5).
+Hyper-Connections, arXiv 2512.24880, in DeepSeek-V4's released form, docs/residual.md).
 
 The residual state between sublayers is a stack of n streams `[B, S, n, H]` (n = 1 for `plain`).
 Interface, shared by every kind:
@@ -18,16 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from .norm import RMSNorm
+from .norm import RMSNorm, inverse_rms
 
-# mHC identity-like init (spec Q5): logit margins that make `pre` read one stream (σ(±4) = 0.982 / 0.018)
-# and `comb` start near the identity (row softmax of 4·I: 0.95 on the diagonal for n = 4).
+# mHC identity-like init (docs/decisions.md#d2-mhc-init): logit margins that make `pre` read one stream
+# (σ(±4) = 0.982 / 0.018) and `comb` start near the identity (row softmax of 4·I: 0.95 on the diagonal for n = 4).
 _IDENTITY_LOGIT = 4.0
 _IDENTITY_SCALE = 0.01  # small gate on the dynamic (input-dependent) part, as in HC/mHC community ports
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """At least float32 (mHC runs in fp32, spec §5.3 item 8); float64 stays float64 for reference runs."""
+    """At least float32 (V4 keeps every mHC parameter and product in fp32); float64 stays float64 for reference runs."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
@@ -37,7 +37,7 @@ def expand(h: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """V4's Sinkhorn–Knopp (spec §4.9 step 4): row softmax + eps, column-normalise, then (iters - 1) ×
+    """V4's Sinkhorn–Knopp (`hc_split_sinkhorn`): row softmax + eps, column-normalise, then (iters - 1) ×
     (row, column) normalisation, every denominator + eps. logits [..., n, n] -> doubly stochastic."""
     m = torch.softmax(logits, dim=-1) + eps
     m = m / (m.sum(dim=-2, keepdim=True) + eps)
@@ -120,7 +120,7 @@ class HCSite(_MixedStreams):
 
 
 class MHCSite(_MixedStreams):
-    """mHC exactly as DeepSeek-V4 releases it (spec §4.9, App. D item 6), all in float32:
+    """mHC exactly as DeepSeek-V4 releases it (V4 `Block.hc_pre` / `hc_post`), all in float32:
 
     mix = (fn · vec(X)) · rsqrt(mean(vec(X)²) + eps_norm)               [(2 + n)·n numbers per token]
     pre = σ(mix_pre·scale_0 + base_pre) + hc_eps;  post = 2σ(mix_post·scale_1 + base_post)
@@ -140,9 +140,9 @@ class MHCSite(_MixedStreams):
     @torch.no_grad()
     def reset_parameters(self):
         """`uniform`: transformers' DeepseekV4 init (fn ~ N(0, std), base 0, scale 1: pre ≈ 0.5 per stream,
-        comb ≈ 1/n everywhere). `identity` (spec Q5, our default for training from scratch): the same fn,
-        scale 0.01, base making pre read stream (site mod n), post = 1 and comb ≈ I, so the model starts as
-        a pre-norm residual network with n identical streams."""
+        comb ≈ 1/n everywhere). `identity` (our default for training from scratch, docs/decisions.md#d2-mhc-init):
+        the same fn, scale 0.01, base making pre read stream (site mod n), post = 1 and comb ≈ I, so the model
+        starts as a pre-norm residual network with n identical streams."""
         n = self.n
         init.normal_(self.fn, mean=0.0, std=self.std)
         if self.init_kind == "uniform":
@@ -159,7 +159,7 @@ class MHCSite(_MixedStreams):
         """streams [B, S, n, H] -> pre [B, S, n], post [B, S, n], comb [B, S, n, n] (float32)."""
         n = self.n
         x = _fp32(streams.flatten(2))  # [B, S, n·H]
-        mix = F.linear(x, _fp32(self.fn)) * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        mix = F.linear(x, _fp32(self.fn)) * inverse_rms(x, self.norm_eps)
         mix_pre, mix_post, mix_res = mix.split([n, n, n * n], dim=-1)
         base_pre, base_post, base_res = _fp32(self.base).split([n, n, n * n])
         scale = _fp32(self.scale)
@@ -182,7 +182,7 @@ class HCHead(nn.Module):
 
 
 class HyperHead(nn.Module):
-    """V4's final collapse (spec §4.9): w = σ(mix·scale + base) + eps, h = Σ_j w_j X_j (no Sinkhorn, no post)."""
+    """V4's final collapse (`hc_head`): w = σ(mix·scale + base) + eps, h = Σ_j w_j X_j (no Sinkhorn, no post)."""
 
     def __init__(self, config):
         super().__init__()
@@ -201,7 +201,7 @@ class HyperHead(nn.Module):
 
     def forward(self, streams):
         x = _fp32(streams.flatten(2))
-        mix = F.linear(x, _fp32(self.hc_fn)) * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        mix = F.linear(x, _fp32(self.hc_fn)) * inverse_rms(x, self.norm_eps)
         w = torch.sigmoid(mix * _fp32(self.hc_scale) + _fp32(self.hc_base)) + self.hc_eps  # [B, S, n]
         return torch.einsum("bsj,bsjd->bsd", w, _fp32(streams)).to(streams.dtype)
 
@@ -218,15 +218,3 @@ def build_head(config) -> nn.Module:
     if config.residual_kind == "mhc":
         return HyperHead(config)
     return HCHead() if config.residual_kind == "hc" else PlainHead()
-
-
-def composite_gain(mixes: list[torch.Tensor]) -> torch.Tensor:
-    """mHC paper's 'Amax gain': for the product of the per-site mixing matrices (as applied, X' = Mᵀ X),
-    max(max abs row sum, max abs column sum), per token. mixes: list of [..., n, n] -> [...]."""
-    total = None
-    for m in mixes:
-        m = m.double().transpose(-1, -2)
-        total = m if total is None else m @ total
-    rows = total.abs().sum(-1).amax(-1)
-    cols = total.abs().sum(-2).amax(-1)
-    return torch.maximum(rows, cols)

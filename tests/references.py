@@ -30,3 +30,15 @@ def sparse_attention_reference(queries, keys, value, idx, scaling, sink=None):
     probs = torch.softmax(scores, dim=-1)[..., :t]
     v = keys[value] if isinstance(value, int) else value
     return torch.einsum("blght,btgd->blghd", probs, v.unflatten(-1, (g, -1)))
+
+
+def composite_gain(mixes: list[torch.Tensor]) -> torch.Tensor:
+    """mHC paper's 'Amax gain': for the product of the per-site mixing matrices (as applied, X' = Mᵀ X),
+    max(max abs row sum, max abs column sum), per token. mixes: list of [..., n, n] -> [...]."""
+    total = None
+    for m in mixes:
+        m = m.double().transpose(-1, -2)
+        total = m if total is None else m @ total
+    rows = total.abs().sum(-1).amax(-1)
+    cols = total.abs().sum(-2).amax(-1)
+    return torch.maximum(rows, cols)

@@ -39,7 +39,8 @@ def test_deepseek_v4_parity(port_topk_with_our_tie_rule):
     src = _deepseek_v4()
     ours = from_transformers(src)
     assert ours.config.attention_sparsity == ["sliding", "csa", "hca", "csa"]
-    assert ours.config.compress_rope_parameters["attention_factor"] == 1.0  # YaRN frequencies only (spec §4.8)
+    # YaRN frequencies only (docs/decisions.md#d8-v4-yarn)
+    assert ours.config.compress_rope_parameters["attention_factor"] == 1.0
     ids = torch.randint(0, 128, (2, 40))
     with torch.no_grad():
         assert (src(ids).logits - ours(ids).logits).abs().max().item() < 1e-4

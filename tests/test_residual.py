@@ -1,9 +1,11 @@
-"""Residual kinds: mHC math against a float64 transcription of spec §4.9, Sinkhorn, depth stability, errors."""
+"""Residual kinds: mHC math against a float64 transcription of V4's released hc_pre / hc_post (docs/residual.md),
+Sinkhorn, depth stability, errors."""
 import pytest
 import torch
 
 from seekv4 import SeekV4Config, SeekV4ForCausalLM
-from seekv4.modeling.residual import HCSite, HyperHead, MHCSite, PlainSite, composite_gain, expand, sinkhorn
+from references import composite_gain
+from seekv4.modeling.residual import HCSite, HyperHead, MHCSite, PlainSite, expand, sinkhorn
 
 
 def cfg(**kw):

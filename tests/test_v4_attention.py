@@ -45,7 +45,7 @@ def rope_tail(x, positions, params, rope_dim, sign=1.0):
 
 
 def compress64(comp, hidden, params, rope_dim):
-    """Entries of a compressor over one whole sequence, per the spec's equations, in float64."""
+    """Entries of a compressor over one whole sequence, per docs/attention.md's equations, in float64."""
     m, d, n = comp.ratio, comp.dim, hidden.shape[0] // comp.ratio
     kv, gate = hidden @ comp.kv_proj.weight.double().T, hidden @ comp.gate_proj.weight.double().T
     gate = gate + comp.position_bias.double()[torch.arange(hidden.shape[0]) % m]
@@ -66,7 +66,7 @@ def compress64(comp, hidden, params, rope_dim):
 
 
 def attention64(attn: V4Attention, x: torch.Tensor) -> torch.Tensor:
-    """One sequence [S, H] through a V4 attention layer, written from the spec with dense masks, float64."""
+    """One sequence [S, H] through a V4 attention layer, written from docs/attention.md with dense masks, float64."""
     cfg, s = attn.config, x.shape[0]
     x = x.double()
     pos = torch.arange(s)
@@ -187,8 +187,9 @@ def test_invalid_v4_config_names_the_field(overrides, field):
 
 
 def test_csa_indexer_learns_only_from_its_kl():
-    """V3.2's sparse-stage recipe on compressed entries (spec Q1): LM loss gives the indexer no gradient; its KL
-    reaches every indexer parameter and nothing else; a few steps on the KL alone lower it."""
+    """V3.2's sparse-stage recipe on compressed entries (docs/decisions.md#d1-csa-indexer-objective): LM loss gives
+    the indexer no gradient; its KL reaches every indexer parameter and nothing else; a few steps on the KL alone
+    lower it."""
     model = make().train()
     ids = ids_of(48)
     out = model(ids, labels=ids)
@@ -215,7 +216,7 @@ def test_csa_indexer_learns_only_from_its_kl():
 
 def test_fp8_simulation_of_window_and_compressed_entries_matches_float64_reference():
     """kv_cache_dtype="fp8_e4m3" on v4: the non-RoPE dims of window K=V and of compressed entries are rounded to
-    e4m3 with power-of-two scales per block (the official demo's simulation, spec §4.4/§4.6, Q16)."""
+    e4m3 with power-of-two scales per block (the official demo's simulation, docs/decisions.md#d7-v4-fp8-simulation)."""
     model = make(kv_cache_dtype="fp8_e4m3", kv_cache_fp8_block=8)
     plain = make()
     x = torch.randn(1, 37, 64)

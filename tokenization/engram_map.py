@@ -1,4 +1,4 @@
-"""Engram token-id compression map P: V -> V' (spec §6.2 step 1, as in DeepSeek's engram_demo_v1).
+"""Engram token-id compression map P: V -> V' (docs/engram.md, as in DeepSeek's engram_demo_v1).
 
 Every id is decoded and normalised (NFKC -> NFD -> strip accents -> lowercase -> collapse whitespace runs
 to one space -> strip, with a sentinel so a lone-space token survives the strip); ids whose normalised
