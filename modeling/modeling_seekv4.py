@@ -388,6 +388,27 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, output_attentions=None,
                 output_hidden_states=None, output_router_logits=None, return_dict=None, **kwargs):
+        r"""
+        labels (`torch.LongTensor` [batch, seq_len], *optional*): targets, unshifted (position t predicts
+            labels[t + 1]); -100 is ignored. `shift_labels` (already shifted, as padding-free collators pass) and
+            `num_items_in_batch` (Trainer's count of valid shifted targets over all accumulated micro-batches and
+            devices) are taken from `kwargs`, as transformers' `ForCausalLMLoss` takes them.
+
+        `lm_loss` follows LlamaForCausalLM exactly: the mean CE over valid targets, or their sum divided by
+        `num_items_in_batch`. Every label -100 therefore gives NaN (0/0) without a count or with a zero count, as
+        in Llama; the Trainer's count from other micro-batches gives 0.
+
+        `mtp_loss` is (1/D) sum_k L_k over the D MTP depths (DeepSeek-V3 §2.2), L_k the mean CE over depth k's own
+        valid targets (labels[t + 1 + k]). A depth without targets (seq_len <= k + 1, or all ignored) has L_k = 0,
+        kept in the graph. With `num_items_in_batch`, L_k is its sum divided by `num_items_in_batch * n_k / n`
+        (n_k, n: this micro-batch's depth-k and main target counts), the depth's share of the accumulated count as
+        far as this micro-batch can tell: summed over micro-batches this is exactly the mean over all depth-k
+        targets when every micro-batch loses the same share of targets to the shift (e.g. no masked labels), and
+        otherwise the micro-batch means weighted by n / num_items_in_batch (the exact count of the other micro-
+        batches is not passed to the model).
+
+        `loss` = lm_loss + aux_loss + indexer_loss_weight * indexer_loss + mtp_loss_weight * mtp_loss.
+        """
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -403,11 +424,7 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = lm_loss = mtp_loss = None
         if out.mtp_hidden_states is not None:
-            mtp_loss = torch.stack([
-                self.loss_function(logits=self.lm_head(h), labels=shift_left(labels, k, -100),
-                                   vocab_size=self.config.vocab_size, **kwargs)
-                for k, h in enumerate(out.mtp_hidden_states, start=1)
-            ]).mean()
+            mtp_loss = self._mtp_loss(out.mtp_hidden_states, labels, **kwargs)
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = lm_loss + out.aux_loss if out.aux_loss is not None else lm_loss
@@ -421,3 +438,23 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
             hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
         )
         return result.to_tuple() if return_dict is False else result
+
+    def _mtp_loss(self, mtp_hidden_states, labels, num_items_in_batch=None, shift_labels=None, ignore_index=-100,
+                  **kwargs) -> torch.Tensor:
+        """(1/D) sum_k L_k, each depth normalised by its own target count (see `forward`)."""
+        if shift_labels is None:
+            shift_labels = shift_left(labels, 1, ignore_index)
+        n_main = (shift_labels != ignore_index).sum()
+        losses = []
+        for k, hidden in enumerate(mtp_hidden_states, start=1):
+            logits = self.lm_head(hidden).float()
+            target = shift_left(shift_labels, k, ignore_index).to(logits.device)
+            total = nn.functional.cross_entropy(logits.reshape(-1, self.config.vocab_size), target.reshape(-1),
+                                                ignore_index=ignore_index, reduction="sum")
+            n_k = (target != ignore_index).sum().to(logits.device)
+            norm = n_k.float()
+            if num_items_in_batch is not None:
+                norm = torch.as_tensor(num_items_in_batch, device=logits.device).float() * n_k / n_main.to(n_k.device)
+            # no target: `total` is an exact 0 (a sum over nothing) that still carries the graph
+            losses.append(total / torch.where(n_k > 0, norm, torch.ones_like(norm)))
+        return torch.stack(losses).mean()
