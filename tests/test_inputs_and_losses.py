@@ -218,15 +218,15 @@ def test_4d_mask_on_sparse_attention_or_engram_is_refused(preset):
 # ---- positions and empty inputs -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("position_ids, match", [
-    (torch.arange(6)[None] + 60, r"position_ids.*max 65.*max_position_embeddings=64"),
-    (torch.arange(6)[None] - 1, r"position_ids.*min -1"),
-    (torch.arange(6), r"position_ids.*shape \(6,\)"),
-    (torch.arange(5)[None], r"position_ids.*shape \(1, 5\)"),
-    (torch.arange(6)[None].float(), "position_ids.*integer"),
+@pytest.mark.parametrize("position_ids, error, match", [
+    (torch.arange(6)[None] + 60, ValueError, r"position_ids.*max 65.*max_position_embeddings=64"),
+    (torch.arange(6)[None] - 1, ValueError, r"position_ids.*min -1"),
+    (torch.arange(6), ValueError, r"position_ids.*shape \(6,\)"),
+    (torch.arange(5)[None], ValueError, r"position_ids.*shape \(1, 5\)"),
+    (torch.arange(6)[None].float(), TypeError, "position_ids.*integer"),
 ])
-def test_bad_position_ids_are_refused(tiny, position_ids, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_position_ids_are_refused(tiny, position_ids, error, match):
+    with pytest.raises(error, match=match):
         tiny(ids(2, 6), position_ids=position_ids)
 
 
