@@ -477,9 +477,9 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
         kept in the graph. With `num_items_in_batch`, L_k is its sum divided by `num_items_in_batch * n_k / n`
         (n_k, n: this micro-batch's depth-k and main target counts), the depth's share of the accumulated count as
         far as this micro-batch can tell: summed over micro-batches this is exactly the mean over all depth-k
-        targets when every micro-batch loses the same share of targets to the shift (e.g. no masked labels), and
-        otherwise the micro-batch means weighted by n / num_items_in_batch (the exact count of the other micro-
-        batches is not passed to the model).
+        targets when every micro-batch loses the same share of targets to the shift (e.g. rows of one length, no
+        masked labels), and otherwise the micro-batch means weighted by n / num_items_in_batch (Trainer does not
+        pass the other micro-batches' depth-k counts to the model).
 
         `loss` = lm_loss + aux_loss + indexer_loss_weight * indexer_loss + mtp_loss_weight * mtp_loss.
         """
