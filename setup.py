@@ -36,7 +36,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "datasets>=3", "evaluate>=0.4", "rapidfuzz>=3", "matplotlib",
-                 "lm-eval>=0.4.13", "peft>=0.15", "bitsandbytes>=0.50"],
+                 "lm-eval>=0.4.13", "peft>=0.15", "bitsandbytes>=0.50", "hypothesis>=6.100"],
         "train": ["peft>=0.15", "datasets>=3"],
         "eval": ["datasets>=3", "evaluate>=0.4", "rapidfuzz>=3", "matplotlib", "gguf>=0.10"],
         "lm-eval": ["lm-eval>=0.4.13"],

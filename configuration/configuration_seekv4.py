@@ -1,6 +1,9 @@
 """SeekV4Config: one config for the whole family, with per-layer schedules for every sparsity axis."""
 from __future__ import annotations
 
+import types
+import typing
+
 from transformers import PreTrainedConfig
 
 ATTENTION_KINDS = ("gqa", "mla", "v4")
@@ -18,6 +21,23 @@ ENGRAM_STORAGES = ("device", "host", "disk")
 
 def _fail(field: str, value, allowed: str):
     raise ValueError(f"SeekV4Config.{field}={value!r} is invalid: {allowed}.")
+
+
+def _has_type(value, hint) -> bool:
+    """`value` fits the field annotation `hint` as JSON gives it: an int is a float, a bool is not an int, a tuple
+    is a list."""
+    if hint is type(None):
+        return value is None
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and all(_has_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 class SeekV4Config(PreTrainedConfig):
@@ -212,6 +232,7 @@ class SeekV4Config(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         kwargs.pop("seekv4_save_id", None)  # config.json's save id (modeling/checkpoint.py) belongs to the files
+        self._check_types()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
@@ -263,6 +284,14 @@ class SeekV4Config(PreTrainedConfig):
                     self.head_dim = head_dim
             elif validator.__name__ != "validate_layer_type":
                 validator(self)
+
+    def _check_types(self):
+        """Each field declared above against its annotation (e.g. `routed_scaling_factor: "2.5"` in a config.json),
+        before any value is used."""
+        for name, (written, hint) in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not _has_type(value, hint):
+                _fail(name, value, f"expected {written}, got {type(value).__name__}")
 
     def _check(self):
         """Every invalid value names its field and what is allowed."""
@@ -486,3 +515,7 @@ class SeekV4Config(PreTrainedConfig):
         from .presets import preset_kwargs
 
         return cls(**{**preset_kwargs(name), **overrides})
+
+
+# the fields this class declares: {name: (annotation as written, evaluated)} (`from __future__ import annotations`)
+_FIELD_TYPES = {name: (hint, eval(hint)) for name, hint in SeekV4Config.__annotations__.items()}

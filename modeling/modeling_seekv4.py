@@ -228,7 +228,7 @@ class SeekV4Model(SeekV4PreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _check_inputs(self, input_ids, inputs_embeds, past_len: int):
+    def _check_inputs(self, input_ids, inputs_embeds, past_len: int, attention_mask=None, position_ids=None):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if input_ids is not None:
@@ -240,13 +240,87 @@ class SeekV4Model(SeekV4PreTrainedModel):
             if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
                 raise ValueError(f"`input_ids` holds ids outside [0, {self.vocab_size}) (min {int(input_ids.min())}, "
                                  f"max {int(input_ids.max())}); they do not fit this model's vocabulary.")
-        seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        hidden = self.config.hidden_size
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden):
+            raise ValueError(f"`inputs_embeds` must have shape [batch, seq_len, hidden_size={hidden}], "
+                             f"got {tuple(inputs_embeds.shape)}.")
+        shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape)
+        batch, seq_len = shape[:2]
+        if batch == 0 or seq_len == 0:
+            raise ValueError(f"Got an empty input of shape {shape}: every call needs at least one sequence of at least "
+                             "one token (for `generate`, a non-empty prompt, e.g. the BOS token).")
         if past_len + seq_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"Input of {past_len + seq_len} tokens ({past_len} cached + {seq_len} new) exceeds "
                 f"max_position_embeddings={self.config.max_position_embeddings}; truncate the input or use a config "
                 "with a longer context (e.g. YaRN rope_parameters and a larger max_position_embeddings)."
             )
+        if attention_mask is not None:
+            self._check_attention_mask(attention_mask, batch, seq_len, past_len)
+        if position_ids is not None:
+            self._check_position_ids(position_ids, batch, seq_len)
+
+    def _check_attention_mask(self, mask, batch: int, seq_len: int, past_len: int):
+        """2-D: the padding mask over cached + new tokens (generate's convention), 0/1 only; HF reads any nonzero as
+        "attend", so an additive (0 / -inf) mask would silently attend to exactly the wrong tokens."""
+        if not isinstance(mask, torch.Tensor) or mask.dim() == 4:
+            return self._check_4d_mask(mask, batch, seq_len, past_len)
+        expected = (batch, past_len + seq_len)
+        if mask.dim() != 2:
+            raise ValueError(f"`attention_mask` must be a 2-D padding mask {expected} [batch, cached + new tokens] "
+                             "(1 = token, 0 = padding), or a 4-D mask for dense attention; got shape "
+                             f"{tuple(mask.shape)}.")
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"`attention_mask` has shape {tuple(mask.shape)}; expected {expected} (batch {batch}, "
+                             f"{past_len} cached + {seq_len} new tokens): the 2-D mask covers the cached tokens and "
+                             "the new ones, as `generate` passes it.")
+        if mask.dtype == torch.bool:
+            return
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (token), got values "
+                             f"{mask.unique()[:6].tolist()}. An additive mask (0 = attend, -inf = masked) converts "
+                             "with `(mask == 0).long()`.")
+        if mask.is_floating_point() and not bool(mask.any(-1).all()):
+            raise ValueError("A floating-point `attention_mask` has a row of zeros (every token masked). If it is an "
+                             "additive mask (0 = attend), pass `torch.ones_like(mask, dtype=torch.long)` (or "
+                             "`(mask == 0).long()`) instead.")
+
+    def _check_4d_mask(self, mask, batch: int, seq_len: int, past_len: int):
+        """Only dense gqa/mla kernels read a 4-D mask (or a BlockMask); sparse, v4 and Engram layers need the 2-D
+        padding mask, and would silently ignore a 4-D one."""
+        if any(s != "dense" for s in self.config.attention_sparsity) or self.config.engram_layer_ids:
+            raise ValueError("A 4-D attention_mask (or a BlockMask) is only read by dense attention; this model has "
+                             "sparse (dsa / v4) attention or Engram layers, which need the 2-D padding mask "
+                             "[batch, cached + new tokens] (1 = token, 0 = padding): pass that instead.")
+        if not isinstance(mask, torch.Tensor):
+            return
+        expected = (batch, 1, seq_len, past_len + seq_len)
+        if mask.shape[0] != batch or mask.shape[1] not in (1, self.config.num_attention_heads) or \
+                tuple(mask.shape[2:]) != expected[2:]:
+            raise ValueError(f"4-D `attention_mask` has shape {tuple(mask.shape)}; expected {expected} [batch, 1 or "
+                             f"heads, new tokens, {past_len} cached + {seq_len} new tokens].")
+        if mask.dtype == torch.bool:
+            return
+        if not mask.is_floating_point():
+            raise ValueError("4-D `attention_mask` must be bool (True = attend) or an additive float mask (0 = "
+                             f"attend, large negative = masked), got dtype {mask.dtype}.")
+        if bool((mask > 0).any()):
+            raise ValueError("4-D float `attention_mask` is additive (0 = attend, large negative = masked), so its "
+                             "values must be <= 0; a 0/1 mask must be passed as bool (`mask.bool()`).")
+
+    def _check_position_ids(self, position_ids, batch: int, seq_len: int):
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point or \
+                position_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise TypeError(f"`position_ids` must be an integer tensor (torch.long), got "
+                            f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}.")
+        if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq_len:
+            raise ValueError(f"`position_ids` has shape {tuple(position_ids.shape)}; expected ({batch}, {seq_len}) "
+                             f"or (1, {seq_len}) [batch, new tokens].")
+        lo, hi, limit = int(position_ids.min()), int(position_ids.max()), self.config.max_position_embeddings
+        if lo < 0 or hi >= limit:
+            raise ValueError(f"`position_ids` holds positions outside [0, {limit}) (min {lo}, max {hi}): beyond "
+                             f"max_position_embeddings={limit} the RoPE scaling is not defined; use a config with a "
+                             "longer context.")
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
@@ -260,7 +334,7 @@ class SeekV4Model(SeekV4PreTrainedModel):
         if not use_cache:
             past_key_values = None
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        self._check_inputs(input_ids, inputs_embeds, past_len)
+        self._check_inputs(input_ids, inputs_embeds, past_len, attention_mask, position_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
@@ -401,6 +475,27 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, output_attentions=None,
                 output_hidden_states=None, output_router_logits=None, return_dict=None, **kwargs):
+        r"""
+        labels (`torch.LongTensor` [batch, seq_len], *optional*): targets, unshifted (position t predicts
+            labels[t + 1]); -100 is ignored. `shift_labels` (already shifted, as padding-free collators pass) and
+            `num_items_in_batch` (Trainer's count of valid shifted targets over all accumulated micro-batches and
+            devices) are taken from `kwargs`, as transformers' `ForCausalLMLoss` takes them.
+
+        `lm_loss` follows LlamaForCausalLM exactly: the mean CE over valid targets, or their sum divided by
+        `num_items_in_batch`. Every label -100 therefore gives NaN (0/0) without a count or with a zero count, as
+        in Llama; the Trainer's count from other micro-batches gives 0.
+
+        `mtp_loss` is (1/D) sum_k L_k over the D MTP depths (DeepSeek-V3 §2.2), L_k the mean CE over depth k's own
+        valid targets (labels[t + 1 + k]). A depth without targets (seq_len <= k + 1, or all ignored) has L_k = 0,
+        kept in the graph. With `num_items_in_batch`, L_k is its sum divided by `num_items_in_batch * n_k / n`
+        (n_k, n: this micro-batch's depth-k and main target counts), the depth's share of the accumulated count as
+        far as this micro-batch can tell: summed over micro-batches this is exactly the mean over all depth-k
+        targets when every micro-batch loses the same share of targets to the shift (e.g. rows of one length, no
+        masked labels), and otherwise the micro-batch means weighted by n / num_items_in_batch (Trainer does not
+        pass the other micro-batches' depth-k counts to the model).
+
+        `loss` = lm_loss + aux_loss + indexer_loss_weight * indexer_loss + mtp_loss_weight * mtp_loss.
+        """
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -415,15 +510,8 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
             hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden)
         loss = lm_loss = mtp_loss = None
-        # depth k predicts token t+1+k: a sequence of <= k+1 tokens has no target there (a mean over nothing is NaN),
-        # so that depth adds no term
-        depths = [(k, h) for k, h in enumerate(out.mtp_hidden_states or (), start=1) if labels.shape[1] > k + 1]
-        if depths:
-            mtp_loss = torch.stack([
-                self.loss_function(logits=self.lm_head(h), labels=shift_left(labels, k, -100),
-                                   vocab_size=self.config.vocab_size, **kwargs)
-                for k, h in depths
-            ]).mean()
+        if out.mtp_hidden_states is not None:
+            mtp_loss = self._mtp_loss(out.mtp_hidden_states, labels, **kwargs)
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = lm_loss + out.aux_loss if out.aux_loss is not None else lm_loss
@@ -437,3 +525,23 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
             hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
         )
         return result.to_tuple() if return_dict is False else result
+
+    def _mtp_loss(self, mtp_hidden_states, labels, num_items_in_batch=None, shift_labels=None, ignore_index=-100,
+                  **kwargs) -> torch.Tensor:
+        """(1/D) sum_k L_k, each depth normalised by its own target count (see `forward`)."""
+        if shift_labels is None:
+            shift_labels = shift_left(labels, 1, ignore_index)
+        n_main = (shift_labels != ignore_index).sum()
+        losses = []
+        for k, hidden in enumerate(mtp_hidden_states, start=1):
+            logits = self.lm_head(hidden).float()
+            target = shift_left(shift_labels, k, ignore_index).to(logits.device)
+            total = nn.functional.cross_entropy(logits.reshape(-1, self.config.vocab_size), target.reshape(-1),
+                                                ignore_index=ignore_index, reduction="sum")
+            n_k = (target != ignore_index).sum().to(logits.device)
+            norm = n_k.float()
+            if num_items_in_batch is not None:
+                norm = torch.as_tensor(num_items_in_batch, device=logits.device).float() * n_k / n_main.to(n_k.device)
+            # no target: `total` is an exact 0 (a sum over nothing) that still carries the graph
+            losses.append(total / torch.where(n_k > 0, norm, torch.ones_like(norm)))
+        return torch.stack(losses).mean()

@@ -27,3 +27,23 @@ def port_topk_with_our_tie_rule(monkeypatch):
         return torch.return_types.topk((self.gather(-1, idx), idx))
 
     monkeypatch.setattr(torch.Tensor, "topk", topk)
+
+
+def _assert_same_greedy(model, a: torch.Tensor, b: torch.Tensor, tie: float = 1e-4):
+    """Two greedy generations agree, or first part where the model's own top-2 logits are within `tie` (a near-tie
+    that an ISA or memory-layout change may flip): token equality is only promised where the argmax margin is safe."""
+    assert a.shape == b.shape
+    differ = (a != b).any(0).nonzero()
+    if not len(differ):
+        return
+    j = int(differ[0])
+    with torch.no_grad():
+        top = model(a[:, :j], use_cache=False).logits[:, -1].float().topk(2, dim=-1).values
+    rows = (a[:, j] != b[:, j]).nonzero().flatten()
+    margins = (top[rows, 0] - top[rows, 1]).tolist()
+    assert max(margins) < tie, f"greedy outputs first differ at position {j} with top-2 margins {margins}"
+
+
+@pytest.fixture
+def assert_same_greedy():
+    return _assert_same_greedy

@@ -1,5 +1,6 @@
 """Config presets/validation and clear errors for bad input."""
 import json
+import re
 
 import pytest
 import torch
@@ -145,6 +146,40 @@ def test_checkpoint_with_wrong_shapes(tmp_path, tiny):
 def test_invalid_dsa_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"SeekV4Config\.{field}.*invalid"):
         SeekV4Config.from_preset("tiny-deepseek-v3.2", **overrides)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("routed_scaling_factor", "2.5", "float"),
+    ("aux_loss_alpha", "0.1", "float"),
+    ("rms_norm_eps", None, "float"),
+    ("num_hidden_layers", 4.0, "int"),
+    ("hc_mult", 4.0, r"int \| None"),
+    ("use_cache", "yes", "bool"),
+    ("tie_word_embeddings", 1, "bool"),
+    ("hidden_act", 3, "str"),
+    ("attention_types", "mla", r"list\[str\] \| None"),
+    ("ffn_types", ["dense", 1, "moe", "moe"], r"list\[str\] \| None"),
+    ("engram_vocab_size", "4096", r"int \| list\[int\]"),
+    ("rope_parameters", [10000.0], r"dict \| None"),
+])
+def test_wrong_field_type_names_field_value_and_type(field, value, expected):
+    with pytest.raises(ValueError, match=rf"SeekV4Config\.{field}={re.escape(repr(value))}.*expected {expected}, "
+                                         rf"got {type(value).__name__}"):
+        SeekV4Config.from_preset("tiny", **{field: value})
+
+
+def test_wrong_field_type_in_config_json_is_refused(tmp_path):
+    SeekV4Config.from_preset("tiny").save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["routed_scaling_factor"] = "2.5"
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"routed_scaling_factor='2\.5'.*expected float, got str"):
+        SeekV4Config.from_pretrained(tmp_path)
+
+
+def test_numbers_of_the_json_kinds_are_accepted():
+    c = SeekV4Config.from_preset("tiny", routed_scaling_factor=2, attention_types=("mla",) * 4, eos_token_id=[1, 2])
+    assert c.routed_scaling_factor == 2 and c.attention_types == ["mla"] * 4
 
 
 def test_every_config_field_is_documented_in_the_docstring():

@@ -30,7 +30,7 @@ def test_pack_unpack_round_trip():
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-deepseek-v3.2"])
-def test_fp8_cache_is_stored_as_fp8_and_decoding_matches_full_forward(preset):
+def test_fp8_cache_is_stored_as_fp8_and_decoding_matches_full_forward(preset, assert_same_greedy):
     torch.manual_seed(0)
     model = SeekV4ForCausalLM(SeekV4Config.from_preset(preset, kv_cache_dtype="fp8_e4m3",
                                                        kv_cache_fp8_block=16)).eval()
@@ -43,8 +43,8 @@ def test_fp8_cache_is_stored_as_fp8_and_decoding_matches_full_forward(preset):
     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
     record = cache.layers[0].keys
     assert record.dtype == torch.float8_e4m3fn and record.shape == (2, 1, 30, 32 + 8 + 4 * 8)  # latent|scales|rope
-    kw = dict(max_new_tokens=12, do_sample=False)
-    assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)  # top-2 margins here go down to ~4e-5
+    assert_same_greedy(model, model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
 
 
 def test_info_reports_flashmla_bytes_and_measured_error(capsys):

@@ -27,8 +27,11 @@ def test_tiny_preset_runs_and_generates(name, tmp_path):
     model.save_pretrained(tmp_path)
     assert SeekV4Config.from_pretrained(tmp_path).to_dict() == config.to_dict()
     loaded = SeekV4ForCausalLM.from_pretrained(tmp_path).eval()  # strict: every weight and buffer accounted for
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    saved = model.state_dict()
+    for name, tensor in loaded.state_dict().items():  # the round trip itself is bit-exact
+        assert torch.equal(tensor, saved[name]), name
+    with torch.no_grad():  # logits to a tolerance: kernels may take another path on tensors loaded from safetensors
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("name", FULL)

@@ -165,8 +165,11 @@ def test_hc_and_mhc_models_save_load_and_keep_fp32(tmp_path):
         model.save_pretrained(tmp_path / kind)
         loaded = SeekV4ForCausalLM.from_pretrained(tmp_path / kind).eval()
         ids = torch.randint(3, 256, (2, 9))
-        with torch.no_grad():
-            assert torch.equal(model(ids).logits, loaded(ids).logits)
+        saved = model.state_dict()
+        for name, tensor in loaded.state_dict().items():  # the round trip itself is bit-exact
+            assert torch.equal(tensor, saved[name]), name
+        with torch.no_grad():  # logits to a tolerance: kernels may take another path on loaded tensors
+            torch.testing.assert_close(model(ids).logits, loaded(ids).logits)
     half = SeekV4ForCausalLM.from_pretrained(tmp_path / "mhc", dtype=torch.bfloat16)
     assert half.model.layers[0].attn_hc.fn.dtype == torch.float32
     assert half.model.hc_head.hc_fn.dtype == torch.float32
