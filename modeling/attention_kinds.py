@@ -68,8 +68,8 @@ class AttentionKind:
 
 
 class _FullKVKind(AttentionKind):
-    """gqa and mla: every token's keys stay cached; `dsa` adds its lightning indexer's key per token, which
-    stays in the model dtype even with an FP8 cache (DeepSeek-V3.2 paper §2.1)."""
+    """gqa and mla: every token's keys stay cached; `dsa` adds its lightning indexer's key per token, kept in the
+    model dtype even with an FP8 cache (only the MLA latent has an FP8 record here)."""
 
     def index_dims(self, config) -> int:
         return config.index_head_dim if self.sparsity == "dsa" else 0
