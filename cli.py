@@ -43,45 +43,33 @@ def _human(n: float) -> str:
 
 
 def cmd_info(args) -> int:
-    from .modeling.summary import kv_cache_elements_per_token, parameter_counts, schedule_runs
+    from .modeling.attention_kinds import attention_kinds, figure
+    from .modeling.fp8 import fp8_relative_error
+    from .modeling.summary import kv_cache_bytes_per_token, kv_cache_elements_per_token, parameter_counts, schedule_runs
 
     config = load_config(args.model)
     if args.kv_cache_dtype:
-        config = type(config)(**{**config.to_dict(), "kv_cache_dtype": args.kv_cache_dtype})
+        try:
+            config = type(config)(**{**config.to_dict(), "kv_cache_dtype": args.kv_cache_dtype})
+        except ValueError as err:
+            raise CLIError(f"--kv-cache-dtype {args.kv_cache_dtype} does not fit {args.model}: {err}") from err
     counts = parameter_counts(config)
     kv = kv_cache_elements_per_token(config)
+    kinds = attention_kinds(config)
     print(f"model: {args.model}  ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"vocab {config.vocab_size}, context {config.max_position_embeddings})")
     print(f"parameters: total {counts['total']:,} ({_human(counts['total'])}); active per token "
           f"{counts['active_per_token']:,} ({_human(counts['active_per_token'])})")
     print(f"KV cache per token: {sum(kv):,} elements = {2 * sum(kv):,} bytes in bf16 "
           f"({4 * sum(kv):,} in float32)")
-    if config.kv_cache_dtype == "fp8_e4m3" and "mla" in config.attention_types:
-        from .modeling.fp8 import fp8_relative_error, packed_bytes
-
+    if config.kv_cache_dtype == "fp8_e4m3":
         block = config.kv_cache_fp8_block
-        per_layer = packed_bytes(config.kv_lora_rank, block) + 2 * config.qk_rope_head_dim
-        per_layer += 2 * config.index_head_dim if "dsa" in config.attention_sparsity else 0
-        print(f"  with kv_cache_dtype=fp8_e4m3: {per_layer * config.num_hidden_layers:,} bytes per token "
-              f"({per_layer:,} per layer: {config.kv_lora_rank} e4m3 + {config.kv_lora_rank // block} float32 scales "
-              f"+ bf16 RoPE key{' + bf16 index key' if 'dsa' in config.attention_sparsity else ''}); measured fp8 "
-              f"round-trip error {fp8_relative_error(config.kv_lora_rank, block):.2%} relative RMS on unit-RMS latents")
-    if config.kv_cache_dtype == "fp8_e4m3" and "v4" in config.attention_types:
-        from .modeling.fp8 import fp8_relative_error, packed_bytes
-
-        d, rope, block = config.head_dim, config.qk_rope_head_dim, config.kv_cache_fp8_block
-        record = packed_bytes(d - rope, block) + 2 * rope  # what CompressorState stores per entry (bf16 model)
-        per_token = 0.0
-        for kind, sparsity in zip(config.attention_types, config.attention_sparsity):
-            if kind == "v4" and sparsity == "csa":
-                per_token += (record + 2 * config.index_head_dim) / config.csa_compress_ratio
-            elif kind == "v4" and sparsity == "hca":
-                per_token += record / config.hca_compress_ratio
-        print(f"  with kv_cache_dtype=fp8_e4m3: compressed entries {per_token:,.1f} bytes per token vs "
-              f"{2 * sum(kv):,.1f} in bf16 ({record} bytes per entry: {d - rope} e4m3 + {(d - rope) // block} "
-              f"float32 scales + {rope} bf16 RoPE dims; CSA index keys stay bf16; the sliding window is "
-              f"{config.sliding_window - 1} rows per layer, not per token); measured fp8 round-trip error "
-              f"{fp8_relative_error(d - rope, block):.2%} relative RMS on unit-RMS rows")
+        widths = sorted({kind.fp8_dims(config) for kind in kinds} - {0})
+        errors = ", ".join(f"{fp8_relative_error(w, block):.2%} relative RMS on unit-RMS {w}-dim rows" for w in widths)
+        print(f"  with kv_cache_dtype=fp8_e4m3: {figure(sum(kv_cache_bytes_per_token(config, 2)))} bytes per token "
+              f"vs {figure(2 * sum(kv))} in bf16; measured fp8 round-trip error {errors}")
+    for kind in dict.fromkeys(kinds):  # each kind present, in schedule order
+        print(f"  {kind.name}: {kind.describe(config)}")
     print("layer schedule:")
     print(f"  {'layers':<10} {'attention':<12} {'ffn':<9} {'kv elements/token/layer':>24}")
     for first, last, attention, ffn in schedule_runs(config):

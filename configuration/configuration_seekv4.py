@@ -11,6 +11,13 @@ FFN_KINDS = ("dense", "moe", "hash_moe")
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 ROPE_TYPES = ("default", "linear", "yarn")
 SPARSITY_KINDS = {"gqa": ("dense", "dsa"), "mla": ("dense", "dsa"), "v4": ("sliding", "csa", "hca")}
+# transformers cache layer type of each (attention type, sparsity) pair: `DynamicCache(config=...)` builds it from
+# `layer_types`. Data here (not in modeling/attention_kinds.py, which reads it) because modeling imports configuration.
+CACHE_LAYER_TYPES = {
+    ("gqa", "dense"): "full_attention", ("gqa", "dsa"): "indexed_attention",  # + the lightning indexer's keys
+    ("mla", "dense"): "full_attention", ("mla", "dsa"): "indexed_attention",
+    ("v4", "sliding"): "seekv4_v4", ("v4", "csa"): "seekv4_v4", ("v4", "hca"): "seekv4_v4",  # V4CacheLayer
+}
 DSA_MODES = ("sparse", "dense_warmup")
 INDEXER_IMPLEMENTATIONS = ("eager", "fused")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
@@ -266,8 +273,8 @@ class SeekV4Config(PreTrainedConfig):
     @property
     def layer_types(self) -> list[str]:
         """Cache layer kinds for `DynamicCache(config=...)`; derived, so never serialised (see class doc)."""
-        return ["seekv4_v4" if k == "v4" else "indexed_attention" if s == "dsa" else "full_attention"
-                for k, s in zip(self.attention_types, self.attention_sparsity)]
+        # transformers reads this in `__post_init__`, before `_check`: a pair it will reject maps to None here
+        return [CACHE_LAYER_TYPES.get(pair) for pair in zip(self.attention_types, self.attention_sparsity)]
 
     def validate(self):
         """transformers' class validators minus `validate_layer_type`: our derived `layer_types` names our own cache

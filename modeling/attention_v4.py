@@ -45,14 +45,19 @@ class V4CacheLayer(DynamicLayer):
     _layer_type = "seekv4_v4"
     is_croppable = False
 
-    def __init__(self, sliding_window: int = 128, **kwargs):
+    def __init__(self, sliding_window: int | None = None, **kwargs):
         super().__init__()
-        self.window = sliding_window
+        self.window = sliding_window  # `DynamicCache(config=...)` passes none for our layer type: see `update`
         self.cumulative_length = 0
         self.states: dict[str, CompressorState] = {}
 
-    def update(self, key_states, value_states=None, *args, **kwargs):
-        """Append K=V rows [B, 1, S, D]; return past window + new rows; keep only the last window - 1."""
+    def update(self, key_states, value_states=None, *args, sliding_window: int | None = None, **kwargs):
+        """Append K=V rows [B, 1, S, D]; return past window + new rows; keep only the last window - 1.
+        `sliding_window`: the attention layer's window, given with every update."""
+        if sliding_window is not None:
+            self.window = sliding_window
+        if self.window is None:
+            raise ValueError("V4CacheLayer.update needs the layer's sliding_window (V4Attention passes it).")
         if not self.is_initialized:
             self.lazy_initialization(key_states, key_states)
             self.keys = key_states[:, :, :0]
@@ -192,7 +197,7 @@ class V4Attention(nn.Module):
         kv = apply_rope_tail(self.kv_norm(self.kv_proj(hidden_states))[:, None], cos, sin)  # [B, 1, S, D]
         kv = fp8_round_head(kv, 2 * cos.shape[-1], self.fp8_block)
         if past_key_values is not None:
-            kv, _ = past_key_values.update(kv, kv, self.layer_idx)
+            kv, _ = past_key_values.update(kv, kv, self.layer_idx, sliding_window=self.window)
         window_kv = kv[:, 0]  # [B, P + S, D]: up to window-1 past rows, then the new ones
         n_window = window_kv.shape[1]
         padding = (key_padding[:, -n_window:] if key_padding is not None

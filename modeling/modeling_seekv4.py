@@ -17,6 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from ..configuration import SeekV4Config
+from .attention_kinds import attention_kinds
 from .attention_gqa import GQAAttention
 from .attention_mla import MLAAttention
 from .attention_v4 import V4Attention
@@ -215,10 +216,7 @@ class SeekV4Model(SeekV4PreTrainedModel):
         self.rotary_emb = nn.ModuleDict({
             name: RotaryEmbedding(config.rope_parameters, dim) for name, dim in sorted(rope_dims.items())
         })
-        self._needs_dense_mask = any(
-            kind != "v4" and (sparsity == "dense" or config.dsa_mode == "dense_warmup")
-            for kind, sparsity in zip(config.attention_types, config.attention_sparsity)
-        )
+        self._needs_dense_mask = any(kind.needs_dense_mask(config) for kind in attention_kinds(config))
         self.gradient_checkpointing = False
         self.post_init()
 

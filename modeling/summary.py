@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention_kinds import attention_kinds
 from .engram_table import EngramTable
 from .modeling_seekv4 import SeekV4ForCausalLM
 from .moe import Experts
@@ -10,23 +11,15 @@ from .moe import Experts
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def kv_cache_elements_per_token(config) -> list[int]:
-    """Cached elements per token for each layer: exactly what that attention kind stores."""
-    per_layer = []
-    for kind, sparsity in zip(config.attention_types, config.attention_sparsity):
-        if kind == "mla":
-            per_layer.append(config.kv_lora_rank + config.qk_rope_head_dim)  # latent + shared RoPE key
-        elif kind == "gqa":
-            per_layer.append(2 * config.num_key_value_heads * config.head_dim)  # keys + values
-        elif sparsity == "csa":  # one K=V entry and one index key per csa_compress_ratio tokens
-            per_layer.append((config.head_dim + config.index_head_dim) / config.csa_compress_ratio)
-        elif sparsity == "hca":
-            per_layer.append(config.head_dim / config.hca_compress_ratio)
-        else:  # sliding: a fixed window, nothing per token
-            per_layer.append(0)
-        if kind != "v4" and sparsity == "dsa":
-            per_layer[-1] += config.index_head_dim  # DSA index key
-    return per_layer
+def kv_cache_elements_per_token(config) -> list[int | float]:
+    """Cached elements each token adds, per layer: exactly what that layer's attention kind stores."""
+    return [kind.cache_elements_per_token(config) for kind in attention_kinds(config)]
+
+
+def kv_cache_bytes_per_token(config, dtype_bytes: int) -> list[int | float]:
+    """Cached bytes each token adds, per layer, in a model of `dtype_bytes`-byte floats (FP8 records with
+    `kv_cache_dtype="fp8_e4m3"`)."""
+    return [kind.cache_bytes_per_token(config, dtype_bytes) for kind in attention_kinds(config)]
 
 
 def parameter_counts(config) -> dict[str, int]:
@@ -53,8 +46,7 @@ def parameter_counts(config) -> dict[str, int]:
 def schedule_runs(config) -> list[tuple[int, int, str, str]]:
     """Consecutive layers with the same (attention[/sparsity], ffn) kinds: [(first, last, attention, ffn)]."""
     runs = []
-    kinds = [(a if s in ("dense", "sliding") and a != "v4" else f"{a}/{s}", f)
-             for a, s, f in zip(config.attention_types, config.attention_sparsity, config.ffn_types)]
+    kinds = [(attention.name, ffn) for attention, ffn in zip(attention_kinds(config), config.ffn_types)]
     for i, kind in enumerate(kinds):
         if runs and runs[-1][2:] == kind:
             runs[-1] = (runs[-1][0], i, *kind)

@@ -50,7 +50,7 @@ def test_fp8_cache_is_stored_as_fp8_and_decoding_matches_full_forward(preset, as
 def test_info_reports_flashmla_bytes_and_measured_error(capsys):
     assert main(["info", "deepseek-v3", "--kv-cache-dtype", "fp8_e4m3"]) == 0
     out = capsys.readouterr().out
-    assert "656 per layer" in out  # FlashMLA's V3.2 record: 512 e4m3 + 4 fp32 scales + 64 bf16
+    assert "mla: 656 bytes per token per layer" in out  # FlashMLA's V3.2 record: 512 e4m3 + 4 fp32 scales + 64 bf16
     error = float(out.split("round-trip error ")[1].split("%")[0]) / 100
     assert 0.005 < error < 2**-4 / math.sqrt(3)  # uniform rounding error of a 3-bit mantissa, RMS
 
@@ -63,7 +63,7 @@ def test_info_reports_v4_fp8_record_bytes(capsys):
     cfg = SeekV4Config.from_preset("deepseek-v4-flash")
     csa, hca = cfg.attention_sparsity.count("csa"), cfg.attention_sparsity.count("hca")
     expect = csa * (604 + 2 * 128) / 4 + hca * 604 / 128  # CSA also stores one bf16 index key per entry
-    assert f"compressed entries {expect:,.1f} bytes per token" in out
+    assert f"fp8_e4m3: {expect:,.1f} bytes per token" in out
 
 
 @pytest.mark.parametrize("overrides, field", [
