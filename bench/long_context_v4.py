@@ -95,7 +95,7 @@ def install_timers():
     from seekv4.modeling.compressor import Compressor
 
     attention_v4.V4Attention.forward = lc._timed(attention_v4.V4Attention.forward, "attn")
-    attention_v4.V4Indexer.select = staticmethod(lc._timed(attention_v4.V4Indexer.select, "select"))
+    attention_v4.V4Indexer.select = lc._timed(attention_v4.V4Indexer.select, "select")
     attention_v4.sparse_attention = lc._timed(attention_v4.sparse_attention, "kernel")
     forward = Compressor.forward
 

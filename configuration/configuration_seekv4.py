@@ -9,7 +9,7 @@ SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 ROPE_TYPES = ("default", "linear", "yarn")
 SPARSITY_KINDS = {"gqa": ("dense", "dsa"), "mla": ("dense", "dsa"), "v4": ("sliding", "csa", "hca")}
 DSA_MODES = ("sparse", "dense_warmup")
-INDEXER_IMPLEMENTATIONS = ("eager", "fused")
+INDEXER_IMPLEMENTATIONS = ("auto", "eager", "fused")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 RESIDUAL_KINDS = ("plain", "hc", "mhc")
 MHC_INITS = ("identity", "uniform")
@@ -31,6 +31,10 @@ class SeekV4Config(PreTrainedConfig):
         `hash_moe` (routed by a frozen token-id -> experts table).
     Left as `None`, `attention_types` is all `mla` and `ffn_types` is `first_k_dense_replace` dense
     layers followed by `moe` layers (DeepSeek-V3's layout).
+
+    DSA / CSA selection runs the fused CPU kernel by default (`indexer_implementation="auto"`: fused for CPU
+    tensors when the kernel builds, else the eager path, logged once); `indexer_implementation="eager"` is the
+    float32 reference the transformers ports match.
 
     The schedules are deliberately not called `layer_types`: transformers re-validates that name with
     its own allowed values when a Trainer checkpoint is resumed (see hf-integration.md §1.2).
@@ -90,10 +94,13 @@ class SeekV4Config(PreTrainedConfig):
     index_topk: int = 64
     dsa_mode: str = "sparse"  # "dense_warmup": dense main attention, indexer distilled from it (V3.2 stage 1)
     indexer_loss_weight: float = 1.0  # weight of the indexer KL in `loss` while training
-    # how DSA/CSA pick their top-k: "eager" = float32 torch ops (the transformers ports' numerics); "fused" = a
-    # compiled CPU kernel (modeling/indexer_kernel.py) that scores bf16 q·k and ranks in one pass, several times
-    # faster on long contexts; may be switched on a loaded model (`model.config.indexer_implementation = ...`)
-    indexer_implementation: str = "eager"
+    # how DSA/CSA pick their top-k (modeling/indexer.py): "eager" = float32 torch ops streamed by query chunks,
+    # the transformers ports' numerics (the reference: pin it to compare with them); "fused" = a compiled CPU
+    # kernel (modeling/indexer_kernel.py) that scores bf16 q·k and ranks in one pass, several times faster on long
+    # contexts, same picks except where bf16 rounding reorders near-equal scores (`python bench/indexer_costs.py`
+    # prints the overlap); "auto" = fused for CPU tensors when the kernel builds, else eager (a kernel that cannot
+    # be built is logged once). May be switched on a loaded model (`model.config.indexer_implementation = ...`).
+    indexer_implementation: str = "auto"
     # v4 attention (DeepSeek-V4): one K=V head of `head_dim`, RoPE on its last `qk_rope_head_dim` dims,
     # sliding window + compressed entries (`csa`: ratio 4 with indexer top-k; `hca`: ratio 128, all entries)
     sliding_window: int = 128
