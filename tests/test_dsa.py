@@ -134,7 +134,8 @@ def test_eager_selection_streams_query_chunks_within_the_budget(ratio, monkeypat
     g = torch.Generator().manual_seed(ratio)
     b, l, hi, d, k = 2, 90, 4, 16, 8
     n = l // ratio
-    q, w, keys = torch.randn(b, l, hi, d, generator=g), torch.randn(b, l, hi, generator=g), torch.randn(b, n, d, generator=g)
+    q, w = torch.randn(b, l, hi, d, generator=g), torch.randn(b, l, hi, generator=g)
+    keys = torch.randn(b, n, d, generator=g)
     limit = (torch.arange(1, l + 1)[None] // ratio).expand(b, l)
     pad = torch.ones(b, n, dtype=torch.bool)
     pad[1, : n // 3] = False  # a left-padded row

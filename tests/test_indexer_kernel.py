@@ -171,7 +171,8 @@ def test_auto_without_a_kernel_runs_eager_and_logs_it_once(monkeypatch, tmp_path
     monkeypatch.setenv("SEEKV4_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     g = torch.Generator().manual_seed(9)
-    q, w, keys = torch.randn(1, 30, 2, 16, generator=g), torch.randn(1, 30, 2, generator=g), torch.randn(1, 30, 16, generator=g)
+    q, w = torch.randn(1, 30, 2, 16, generator=g), torch.randn(1, 30, 2, generator=g)
+    keys = torch.randn(1, 30, 16, generator=g)
     limit = torch.arange(1, 31)[None]
     with caplog.at_level(logging.INFO, logger=indexer_kernel.__name__):
         got = [select_topk(q, w, keys, limit, 5, "auto") for _ in range(3)]
