@@ -12,8 +12,8 @@ the keys s < limit[l] (DSA: its cache index + 1; CSA: its number of complete ent
 
 `config.indexer_implementation` picks how `select_topk` runs:
   * "eager": float32 torch ops (the transformers ports' numerics; the parity tests pin it). Streamed by query
-    chunks within `sparse_attention.CHUNK_BUDGET_BYTES`: score a chunk against the keys up to its largest limit (causal: later
-    keys are never visible), top-k it, next chunk; the [L, T] score matrix never exists.
+    chunks within `sparse_attention.CHUNK_BUDGET_BYTES`: score a chunk against the keys below its largest limit
+    (causal: later keys are never visible), top-k it, next chunk; the [L, T] score matrix never exists.
   * "fused": the compiled CPU kernel of `indexer_kernel.py`, which rounds q and k to bf16 (coarser FP8 in the
     official kernel), accumulates in float32 and keeps a running top-k per query: several times faster at long
     context. Its picks equal the eager ones except where bf16 rounding reorders near-equal scores
