@@ -11,7 +11,11 @@ query-key pair (S·(S+1)/2 pairs); the dense attention it is compared with in RE
      float32 picks it keeps;
   2. bf16 (AMX) scores vs float32 on one [256 queries x 16384 keys] chunk: time of the score + weighted sum, and
      how many of the float32 top-16 picks the bf16 scores keep;
-  3. the sparse kernel alone at the `tiny` shape (latent 32 + RoPE 8, 4 heads, top-16) at 8k and 32k.
+  3. the sparse kernel alone at the `tiny` shape (latent 32 + RoPE 8, 4 heads, top-16) at 8k and 32k;
+  4. the fused kernel's FLOP rate on one thread (causal selection of min(S, 8192) queries, counting the q·k
+     multiply-adds only: 2·Hi·D FLOPs per causal pair) next to a one-thread float32 `torch.mm` probe at the
+     indexer's matmul shape ([256·Hi, D] x [D, T], T = that length), and their ratio, for the section-1 index
+     shape (2 heads x 64) and tiny-seed-v4's (4 x 16).
 """
 from __future__ import annotations
 
@@ -52,20 +56,20 @@ def main(argv=None):
                           indexer_implementation="eager")
     ix = LightningIndexer(cfg, 128)
     q, w = torch.randn(1, s, 2, 64, generator=g), torch.randn(1, s, 2, generator=g)
-    keys, pos = torch.randn(1, s, 64, generator=g), torch.arange(s)[None]
-    sel = best(lambda: ix.select(q, w, keys, pos, None), n=1)
+    keys, limit = torch.randn(1, s, 64, generator=g), torch.arange(1, s + 1)[None]
+    sel = best(lambda: ix.select(q, w, keys, limit, None), n=1)
     with profile() as prof:
-        ix.select(q, w, keys, pos, None)
+        ix.select(q, w, keys, limit, None)
     total_us = sum(e.self_cpu_time_total for e in prof.key_averages())
     bmm_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "aten::bmm")
     print(f"1. indexer select: {sel:.2f} s = {sel / pairs * 1e9:.2f} ns/pair; score matmul share "
           f"{bmm_us / total_us:.0%} = {sel * bmm_us / total_us / pairs * 1e9:.2f} ns/pair")
     from seekv4.modeling import indexer_kernel
 
-    eager = ix.select(q, w, keys, pos, None)
+    eager = ix.select(q, w, keys, limit, None)
     cfg.indexer_implementation = "fused"
-    fused_s = best(lambda: ix.select(q, w, keys, pos, None), n=3)
-    fused = ix.select(q, w, keys, pos, None)
+    fused_s = best(lambda: ix.select(q, w, keys, limit, None), n=3)
+    fused = ix.select(q, w, keys, limit, None)
     kept = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(eager[0], fused[0])) / eager[0].numel()
     print(f"   fused select ({'AMX' if indexer_kernel.uses_amx() else 'portable loop'}): {fused_s:.2f} s = "
           f"{fused_s / pairs * 1e9:.2f} ns/pair ({sel / fused_s:.1f}x faster); keeps {kept:.1%} of the eager picks")
@@ -104,6 +108,23 @@ def main(argv=None):
         res.append(best(lambda: sparse_attention([qn, qr], [lat, rope], 0, idx, 0.1)))
     print(f"3. sparse kernel, tiny shape, one layer: 8k {res[0] * 1e3:.0f} ms, 32k {res[1] * 1e3:.0f} ms "
           f"({res[1] / res[0]:.2f}x for 4x tokens)")
+
+    n = min(s, 8192)
+    torch.set_num_threads(1)  # the kernel splits queries over torch's thread count: one thread for both sides
+    try:
+        for hi, d in ((2, 64), (4, 16)):
+            qn, wn = torch.randn(1, n, hi, d, generator=g), torch.randn(1, n, hi, generator=g)
+            kn, lim = torch.randn(1, n, d, generator=g), torch.arange(1, n + 1)[None]
+            fused_t = best(lambda: indexer_kernel.fused_topk(qn, wn, kn, lim, None, 16))
+            fused_rate = n * (n + 1) / 2 * 2 * hi * d / fused_t / 1e9
+            lhs, rhs = torch.randn(256 * hi, d, generator=g), torch.randn(d, n, generator=g)
+            prod = torch.empty(256 * hi, n)
+            mm_rate = 2 * 256 * hi * d * n / best(lambda: torch.mm(lhs, rhs, out=prod), n=5) / 1e9
+            print(f"4. one thread, {hi} index heads x {d}, {n} causal queries: fused kernel {fused_rate:.1f} GFLOP/s "
+                  f"(q·k only), fp32 torch.mm [{256 * hi} x {d}] x [{d} x {n}] {mm_rate:.1f} GFLOP/s: "
+                  f"{fused_rate / mm_rate:.0%} of the probe (target >= 60%)")
+    finally:
+        torch.set_num_threads(a.threads)
 
 
 if __name__ == "__main__":

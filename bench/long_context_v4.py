@@ -88,7 +88,7 @@ def install_timers():
     from seekv4.modeling.compressor import Compressor
 
     attention_v4.V4Attention.forward = TIMERS.wrap(attention_v4.V4Attention.forward, "attn")
-    attention_v4.V4Indexer.select = staticmethod(TIMERS.wrap(attention_v4.V4Indexer.select, "select"))
+    attention_v4.V4Indexer.select = TIMERS.wrap(attention_v4.V4Indexer.select, "select")
     attention_v4.sparse_attention = TIMERS.wrap(attention_v4.sparse_attention, "kernel")
     forward = Compressor.forward
 

@@ -19,7 +19,7 @@ CACHE_LAYER_TYPES = {
     ("v4", "sliding"): "seekv4_v4", ("v4", "csa"): "seekv4_v4", ("v4", "hca"): "seekv4_v4",  # V4CacheLayer
 }
 DSA_MODES = ("sparse", "dense_warmup")
-INDEXER_IMPLEMENTATIONS = ("eager", "fused")
+INDEXER_IMPLEMENTATIONS = ("auto", "eager", "fused")
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 RESIDUAL_KINDS = ("plain", "hc", "mhc")
 MHC_INITS = ("identity", "uniform")
@@ -92,8 +92,9 @@ class SeekV4Config(PreTrainedConfig):
         index_topk: keys (DSA) or compressed entries (CSA) each query selects.
         dsa_mode: "sparse" (attend over the top-k) | "dense_warmup" (dense attention; the indexer is distilled from it).
         indexer_loss_weight: weight of the indexer KL in `loss` while training (0 disables it).
-        indexer_implementation: how DSA and CSA select their top-k (docs/indexer.md#implementations); may be switched
-            on a loaded model.
+        indexer_implementation: how DSA and CSA select their top-k (docs/indexer.md#implementations): "auto"
+            (default: the fused CPU kernel for CPU tensors when it builds, else eager, logged once) | "fused" |
+            "eager" (the float32 reference the transformers ports match); may be switched on a loaded model.
     v4 (docs/attention.md#v4-deepseek-v4-hybrid-attention):
         sliding_window: raw tokens every query sees, itself included.
         csa_compress_ratio, hca_compress_ratio: tokens pooled per compressed entry in CSA (overlapping windows) and
@@ -187,10 +188,13 @@ class SeekV4Config(PreTrainedConfig):
     index_topk: int = 64
     dsa_mode: str = "sparse"  # "dense_warmup": dense main attention, indexer distilled from it (V3.2 stage 1)
     indexer_loss_weight: float = 1.0  # weight of the indexer KL in `loss` while training
-    # how DSA/CSA pick their top-k: "eager" = float32 torch ops (the transformers ports' numerics); "fused" = a
-    # compiled CPU kernel (modeling/indexer_kernel.py) that scores bf16 q·k and ranks in one pass, several times
-    # faster on long contexts; may be switched on a loaded model (`model.config.indexer_implementation = ...`)
-    indexer_implementation: str = "eager"
+    # how DSA/CSA pick their top-k (modeling/indexer.py): "eager" = float32 torch ops streamed by query chunks,
+    # the transformers ports' numerics (the reference: pin it to compare with them); "fused" = a compiled CPU
+    # kernel (modeling/indexer_kernel.py) that scores bf16 q·k and ranks in one pass, several times faster on long
+    # contexts, same picks except where bf16 rounding reorders near-equal scores (`python bench/indexer_costs.py`
+    # prints the overlap); "auto" = fused for CPU tensors when the kernel builds, else eager (a kernel that cannot
+    # be built is logged once). May be switched on a loaded model (`model.config.indexer_implementation = ...`).
+    indexer_implementation: str = "auto"
     # v4 attention (DeepSeek-V4): one K=V head of `head_dim`, RoPE on its last `qk_rope_head_dim` dims,
     # sliding window + compressed entries (`csa`: ratio 4 with indexer top-k; `hca`: ratio 128, all entries)
     sliding_window: int = 128

@@ -19,7 +19,6 @@ indexer's inputs are detached so it learns only from this loss. Unverified again
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
@@ -27,8 +26,7 @@ from .attention_common import AttentionAux
 from .compressor import Compressor, CompressorState
 from .dsa import kl_to_indexer
 from .fp8 import fp8_round_head
-from .indexer import LightningIndexer, deterministic_topk, relu_weighted_scores
-from .indexer_kernel import fused_topk
+from .indexer import head_weights, index_scores, select_topk
 from .linear_weight import grouped_linear
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, apply_rope_tail
@@ -100,10 +98,11 @@ class V4CacheLayer(DynamicLayer):
 
 
 class V4Indexer(nn.Module):
-    """CSA's lightning indexer over compressed entries: I[t, i] = Σ_h w_h·ReLU(q_h·K_i)·d^-1/2, w·H^-1/2."""
+    """CSA's lightning indexer: DSA's scorer and selection (modeling/indexer.py) over compressed index entries."""
 
     def __init__(self, config):
         super().__init__()
+        self.config = config  # read at call time: `indexer_implementation` may be switched on a loaded model
         self.n_heads, self.head_dim, self.topk = config.index_n_heads, config.index_head_dim, config.index_topk
         self.compressor = Compressor(config.hidden_size, self.head_dim, config.csa_compress_ratio, overlap=True,
                                      eps=config.rms_norm_eps)
@@ -114,28 +113,11 @@ class V4Indexer(nn.Module):
         b, s, _ = hidden.shape
         q = self.q_b_proj(q_latent).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         q = apply_rope_tail(q, cos, sin).transpose(1, 2)  # [B, S, Hi, D]
-        w = self.weights_proj(hidden).float() * (self.n_heads**-0.5 * self.head_dim**-0.5)
-        return q, w
+        return q, head_weights(self.weights_proj(hidden), self.n_heads, self.head_dim)
 
-    @staticmethod
-    def select(q, w, keys, limit, k: int, implementation: str = "eager") -> torch.Tensor:
-        """q [B, L, Hi, D], keys [B, N, D], limit [B, L] (entries i < limit are visible) -> idx [B, L, k] (-1 = none).
-        `implementation`: config.indexer_implementation ("fused": modeling/indexer_kernel.py).
-
-        Entries complete causally, so only those below the chunk's largest limit are scored (over a prefill this
-        halves the work), and only columns at or past its smallest limit need masking."""
-        if implementation == "fused":
-            return fused_topk(q, w, keys, limit - 1, None, k)
-        n = min(keys.shape[1], int(limit.max())) if limit.numel() else 0
-        scores = relu_weighted_scores(q, w, keys[:, :n])
-        lo = max(0, min(int(limit.min()), n)) if limit.numel() else 0
-        if lo < n:
-            hidden = torch.arange(lo, n, device=keys.device) >= limit[..., None]
-            scores[..., lo:].masked_fill_(hidden, float("-inf"))
-        kk = min(k, n)
-        top = deterministic_topk(scores, kk) if kk else scores.new_zeros(*scores.shape[:2], 0, dtype=torch.long)
-        top = torch.where(top < limit[..., None], top, -1)
-        return F.pad(top, (0, k - kk), value=-1)
+    def select(self, q, w, keys, limit) -> torch.Tensor:
+        """keys [B, N, D] compressed entries, limit [B, L] (entries i < limit are complete) -> idx [B, L, k]."""
+        return select_topk(q, w, keys, limit, self.topk, self.config.indexer_implementation)
 
 
 class V4Attention(nn.Module):
@@ -231,8 +213,7 @@ class V4Attention(nn.Module):
                 if self.indexer is None:  # HCA: every visible entry, by matmul rather than a gather per query
                     dense = (entries, torch.arange(entries.shape[1], device=kv.device) < limit[..., None])
                 else:
-                    chosen = V4Indexer.select(iq[:, rows], iw[:, rows], index_keys, limit, self.indexer.topk,
-                                              self.config.indexer_implementation)
+                    chosen = self.indexer.select(iq[:, rows], iw[:, rows], index_keys, limit)
                     idx = torch.cat((idx, torch.where(chosen >= 0, chosen + n_window, -1)), dim=-1)
             o, probs = sparse_attention([q[:, rows, None]], [keys], 0, idx, self.scaling, sink=self.sinks,
                                         return_probs=wants_loss, dense=dense)
@@ -242,7 +223,7 @@ class V4Attention(nn.Module):
                 count = int(has_entries.sum())
                 if count:  # none before the first window completes (S < csa_compress_ratio): no KL term
                     target = probs[:, :, 0, :, self.window:].detach().sum(2)  # mass on the chosen entries [B, Lc, k]
-                    logits = LightningIndexer.score_selected(iq[:, rows], iw[:, rows], index_keys, chosen)
+                    logits = index_scores(iq[:, rows], iw[:, rows], index_keys, chosen)
                     kl_sum = kl_sum + kl_to_indexer(target, logits, chosen >= 0, has_entries.float()) * count
                     kl_count += count
         out = torch.cat(out, dim=1)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .attention_common import AttentionAux
 from .cache_append import cache_update_indexer
-from .indexer import LightningIndexer, causal_valid
+from .indexer import LightningIndexer, index_scores, visible_keys
 
 
 @dataclass
@@ -67,7 +67,7 @@ class DSAMixin:
         q_positions = (torch.arange(hidden.shape[1], device=hidden.device) + past_len)[None]
         wants_loss = self.training and self.config.indexer_loss_weight > 0
         sparse = self.config.dsa_mode == "sparse"
-        idx = self.indexer.select(q, w, keys, q_positions, key_padding) if sparse or wants_loss else None
+        idx = self.indexer.select(q, w, keys, q_positions + 1, key_padding) if sparse or wants_loss else None
         return Selection(idx, q, w, keys, q_positions, key_padding, wants_loss)
 
     def dsa_aux(self, sel: Selection, probs: torch.Tensor | None) -> AttentionAux:
@@ -80,12 +80,12 @@ class DSAMixin:
                            else torch.ones(b, s, dtype=torch.bool, device=sel.q.device)).float()
             if sparse:
                 target = probs.detach().sum(2)  # [B, S, k]
-                logits = LightningIndexer.score_selected(sel.q, sel.w, sel.keys, sel.idx)
+                logits = index_scores(sel.q, sel.w, sel.keys, sel.idx)
                 loss = kl_to_indexer(target, logits, sel.idx >= 0, query_valid)
             else:
-                valid = causal_valid(sel.q_positions, sel.keys.shape[1], sel.key_padding)
+                valid = visible_keys(sel.q_positions + 1, sel.keys.shape[1], sel.key_padding)
                 target = probs.detach().float().sum(1)  # [B, S, T]
-                logits = LightningIndexer.score(sel.q, sel.w, sel.keys)
+                logits = index_scores(sel.q, sel.w, sel.keys)
                 loss = kl_to_indexer(target, logits, valid.expand_as(logits), query_valid)
                 mass = target * valid / (target * valid).sum(-1, keepdim=True).clamp_min(1e-12)
                 captured = mass.gather(-1, sel.idx.clamp(min=0)) * (sel.idx >= 0)

@@ -1,12 +1,25 @@
-"""DeepSeek Sparse Attention's lightning indexer (V3.2, spec §1.2) and deterministic top-k selection.
+"""DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2) and deterministic causal top-k selection.
 
-Score of key s for query t:  I[t, s] = Σ_j w[t, j] · ReLU(q[t, j] · k[s]) · d^-1/2,  w = W_w h_t · H^-1/2,
+Score of key s for query t:  I[t, s] = Σ_j w[t, j] · ReLU(q[t, j] · k[s]),  w = W_w h_t · H^-1/2 · d^-1/2,
 with one shared LayerNorm'd index key per token and non-interleaved RoPE on the first `rope_dim` dims
 of q and k (the 2025-11-17 fix of the official demo). The Hadamard rotation + FP8 rounding of the
-official kernel leave q·k unchanged in exact arithmetic and are not simulated here. That is this module's
-("eager") float32 path; `config.indexer_implementation = "fused"` hands selection to the compiled CPU kernel in
-`indexer_kernel.py`, which rounds q and k to bf16 (coarser FP8 in the official kernel) and never builds the
-[L, T] score matrix: the same picks up to reordered near-ties, several times faster at long context.
+official kernel leave q·k unchanged in exact arithmetic and are not simulated here.
+
+This module holds the one scorer (`index_scores`), the one weight scale (`head_weights`) and the one selection
+(`select_topk`) that both DSA (`LightningIndexer`, keys = index keys of the tokens) and V4's CSA
+(`attention_v4.V4Indexer`, keys = compressed index entries) use. Visibility has one convention: query l sees
+the keys s < limit[l] (DSA: its cache index + 1; CSA: its number of complete entries), padding excepted.
+
+`config.indexer_implementation` picks how `select_topk` runs:
+  * "eager": float32 torch ops (the transformers ports' numerics; the parity tests pin it). Streamed by query
+    chunks within `sparse_attention.CHUNK_BUDGET_BYTES`: score a chunk against the keys below its largest limit
+    (causal: later keys are never visible), top-k it, next chunk; the [L, T] score matrix never exists.
+  * "fused": the compiled CPU kernel of `indexer_kernel.py`, which rounds q and k to bf16 (coarser FP8 in the
+    official kernel), accumulates in float32 and keeps a running top-k per query: several times faster at long
+    context. Its picks equal the eager ones except where bf16 rounding reorders near-equal scores
+    (`python bench/indexer_costs.py` prints the overlap: 99.5% of the eager picks at its 32k shape).
+  * "auto" (the default): "fused" for CPU tensors when the kernel builds, else "eager". A kernel that cannot be
+    built is logged once (warning) and auto runs eager; accelerators run eager (the kernel is CPU-only).
 
 Selection is causal top-k with a fixed tie rule: among equal scores the later position wins. ReLU makes
 exact ties common (all heads zero), and `torch.topk` resolves ties by memory layout, so without a
@@ -17,13 +30,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .indexer_kernel import fused_topk
+from . import indexer_kernel
 from .rope import apply_rope
-from .workspace import reusable_buffer
 from .sparse_attention import gather_rows, query_chunk
+from .workspace import reusable_buffer
 
 
 def deterministic_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -120,41 +132,116 @@ def _blocked_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return indices
 
 
-@torch.no_grad()
-def relu_weighted_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
-                         scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Selection scores without autograd: q [B, L, Hi, D], w [B, L, Hi], keys [B, T, D] -> [B, L, T] float32.
+def head_weights(logits: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """weights_proj(h) [B, L, Hi] -> the per-head score weights w (float32) with both scales folded in: H^-1/2
+    averages the heads, d^-1/2 is the dot product's softmax scale (applied to w, as ReLU commutes with it)."""
+    return logits.float() * (n_heads**-0.5 * head_dim**-0.5)
 
-    This is DSA's quadratic part: the matmul is compute-bound (about half of selection, `bench/indexer_costs.py`),
-    everything after it memory-bound, so it is written as few passes over [L, Hi, T] as plain
-    torch allows: one batched matmul straight into a reused buffer (fresh multi-MB tensors cost more in page
-    faults than the matmul itself), ReLU in place, then the head-weighted sum as one batched [1, Hi] x [Hi, T]
-    matmul per query, which reads every head once and writes the output once (instead of one multiply-add
-    pass per head). `scratch` (float32, >= (Hi + 1)·B·L·T elements) is reused across query chunks; the result
-    is a view into it.
+
+def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor | None = None,
+                 scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """I = Σ_h w_h·ReLU(q_h·k) in float32: q [B, L, Hi, D], w [B, L, Hi], keys [B, T, D] -> [B, L, T], or only
+    at idx [B, L, k] (key positions, -1 read as 0) -> [B, L, k] (the selected keys, for the sparse-mode loss).
+
+    Differentiable (the indexer's KL trains through it), except with `scratch` (float32, >= (Hi + 1)·B·L·T
+    elements, reused across the eager selection's query chunks; the result is then a view into it): fresh
+    multi-MB tensors cost more in page faults than the matmul itself. This is DSA's quadratic part, so it is
+    few passes over [L, Hi, T]: one batched matmul, ReLU in place, then the head-weighted sum as one batched
+    [1, Hi] x [Hi, T] matmul per query, which reads every head once and writes the output once.
     """
     b, l, hi, d = q.shape
-    t = keys.shape[1]
+    if idx is None:  # keys shared by every query: one [L·Hi, D] x [D, T] matmul per sample
+        t = keys.shape[1]
+        lhs, rhs = q.float().reshape(b, l * hi, d), keys.float().transpose(1, 2)
+    else:  # each query's own keys: one [Hi, D] x [D, k] matmul per query
+        t = idx.shape[-1]
+        lhs = q.float().reshape(b * l, hi, d)
+        rhs = gather_rows(keys, idx).float().reshape(b * l, t, d).transpose(1, 2)
+    weights = w.float().reshape(b * l, 1, hi)
+    if scratch is None:
+        heads = torch.bmm(lhs, rhs).relu_()
+        return torch.bmm(weights, heads.view(b * l, hi, t)).view(b, l, t)
     need = (hi + 1) * b * l * t
-    if scratch is None or scratch.numel() < need:
+    if scratch.numel() < need:
         scratch = reusable_buffer(need, torch.float32, q.device)
-    heads = scratch[: hi * b * l * t].view(b, l * hi, t)  # query-major: the Hi rows of a query are adjacent
+    heads = scratch[: hi * b * l * t].view(lhs.shape[0], lhs.shape[1], t)  # query-major: a query's Hi rows adjacent
     out = scratch[hi * b * l * t : need].view(b * l, 1, t)
-    torch.bmm(q.float().reshape(b, l * hi, d), keys.float().transpose(1, 2), out=heads)
+    torch.bmm(lhs, rhs, out=heads)
     heads.relu_()
-    torch.bmm(w.float().reshape(b * l, 1, hi), heads.view(b * l, hi, t), out=out)  # Σ_h w_h·ReLU(·): one pass
+    torch.bmm(weights, heads.view(b * l, hi, t), out=out)  # Σ_h w_h·ReLU(·): one pass
     return out.view(b, l, t)
 
 
-def causal_valid(q_positions: torch.Tensor, num_keys: int, key_padding: torch.Tensor | None) -> torch.Tensor:
-    """[B or 1, L, T] bool: key s is visible to the query at cache index q (s <= q) and is not padding."""
-    valid = torch.arange(num_keys, device=q_positions.device) <= q_positions[..., None]  # [1, L, T]
+def visible_keys(limit: torch.Tensor, num_keys: int, key_padding: torch.Tensor | None) -> torch.Tensor:
+    """[B or 1, L, T] bool: key s is visible to query l (s < limit[l]) and is not padding."""
+    valid = torch.arange(num_keys, device=limit.device) < limit[..., None]  # [B or 1, L, T]
     if key_padding is not None:
         pad = key_padding[:, :num_keys]
         if pad.shape[1] < num_keys:  # static caches are longer than the mask; slots past it are not causal anyway
-            pad = F.pad(pad, (0, num_keys - pad.shape[1]), value=False)
+            pad = nn.functional.pad(pad, (0, num_keys - pad.shape[1]), value=False)
         valid = valid & pad[:, None, :]
     return valid
+
+
+def resolve_implementation(implementation: str, device: torch.device) -> str:
+    """config.indexer_implementation -> "eager" or "fused" for tensors on `device` (see the module docstring)."""
+    if implementation != "auto":
+        return implementation
+    if device.type != "cpu":
+        return "eager"
+    return "fused" if indexer_kernel.available() else "eager"
+
+
+@torch.no_grad()
+def select_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, limit: torch.Tensor, k: int,
+                implementation: str = "eager", key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """The k best visible keys of each query -> idx [B, L, k] int64, best first, -1 where fewer than k keys are
+    visible; which of several equal scores are kept follows the tie rule (the later key wins).
+
+    q [B, L, Hi, D], w [B, L, Hi] (`head_weights`), keys [B, T, D], limit [B or 1, L]: query l sees the keys
+    s < limit[l]; key_padding [B, >= T] bool (True = real token) or None. `implementation`: see the module
+    docstring ("auto" | "eager" | "fused").
+    """
+    num_keys = keys.shape[1]
+    pad = None
+    if key_padding is not None and not bool(key_padding[:, :num_keys].all()):
+        pad = key_padding[:, :num_keys]
+    if resolve_implementation(implementation, q.device) == "fused":
+        return indexer_kernel.fused_topk(q, w, keys, limit, pad, k)
+    return _eager_topk(q, w, keys, limit, k, pad)
+
+
+def _eager_topk(q, w, keys, limit, k, pad):
+    """`select_topk` in float32 torch ops, by query chunks within the memory budget. A chunk scores only the keys
+    below its largest limit (over a causal prefill this halves the work), and only the columns at or past its
+    smallest limit can be invisible, so only that slab is masked, unless padding hides keys anywhere."""
+    b, l, hi, _ = q.shape
+    num_keys = keys.shape[1]
+    out = torch.full((b, l, k), -1, dtype=torch.long, device=q.device)
+    if l == 0 or k == 0 or num_keys == 0:
+        return out
+    step = query_chunk(l, 4 * num_keys * (hi + 1) * b)
+    scratch = reusable_buffer((hi + 1) * b * step * num_keys, torch.float32, q.device)
+    for start in range(0, l, step):
+        rows = slice(start, start + step)
+        lim = limit[:, rows]  # [B or 1, Lc]
+        t = min(num_keys, int(lim.max()))
+        kk = min(k, t)
+        if kk <= 0:
+            continue  # no query of the chunk sees a key yet
+        scores = index_scores(q[:, rows], w[:, rows], keys[:, :t], scratch=scratch)
+        first = max(0, min(int(lim.min()), t))
+        if first < t:
+            hidden = torch.arange(first, t, device=q.device) >= lim[..., None]  # [B or 1, Lc, t - first]
+            scores[..., first:].masked_fill_(hidden, float("-inf"))
+        if pad is not None:
+            scores.masked_fill_(~pad[:, None, :t], float("-inf"))
+        top = deterministic_topk(scores, kk)
+        visible = top < lim[..., None]
+        if pad is not None:
+            visible &= pad.gather(1, top.flatten(1)).view_as(top)
+        out[:, rows, :kk] = torch.where(visible, top, -1)
+    return out
 
 
 class LightningIndexer(nn.Module):
@@ -167,7 +254,6 @@ class LightningIndexer(nn.Module):
         self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
-        self.softmax_scale = self.head_dim**-0.5
 
     def _rope(self, x, cos, sin):
         rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
@@ -183,64 +269,9 @@ class LightningIndexer(nn.Module):
         b, l, _ = hidden.shape
         q = self.wq_b(q_input).view(b, l, self.n_heads, self.head_dim).transpose(1, 2)
         q = self._rope(q, cos, sin).transpose(1, 2)
-        w = self.weights_proj(hidden).float() * (self.n_heads**-0.5 * self.softmax_scale)
-        return q, w
+        return q, head_weights(self.weights_proj(hidden), self.n_heads, self.head_dim)
 
-    @staticmethod
-    def score(q, w, keys) -> torch.Tensor:
-        """q [B, L, Hi, D], w [B, L, Hi], keys [B, T, D] -> I [B, L, T] (float32).
-
-        Heads outermost ([B, Hi, L, T]): the matmul writes its output contiguously and ReLU runs in place.
-        This is the quadratic part of DSA, so every pass over L·T counts (2.5x faster than head-inner einsums).
-        """
-        relu = torch.matmul(q.float().transpose(1, 2), keys.float().transpose(1, 2).unsqueeze(1)).relu_()
-        return torch.einsum("blh,bhlt->blt", w, relu)
-
-    @staticmethod
-    def score_selected(q, w, keys, idx) -> torch.Tensor:
-        """Scores only at idx [B, L, k] -> [B, L, k]: O(L·k), used for the sparse-mode loss."""
-        sel = gather_rows(keys, idx).float()  # [B, L, k, D]
-        relu = F.relu(torch.einsum("blhd,blkd->blhk", q.float(), sel))
-        return torch.einsum("blh,blhk->blk", w, relu)
-
-    @torch.no_grad()
-    def select(self, q, w, keys, q_positions, key_padding) -> torch.Tensor:
-        """Top-k visible keys per query -> idx [B, L, k] (-1 where fewer than k keys are visible).
-
-        Queries are chunked and each chunk only scores the keys up to its last position, so memory stays
-        O(chunk·T) and causal work is halved. One scratch buffer serves every chunk. Only the keys at or
-        after the chunk's first query position can be invisible (causality), so only that slab is masked,
-        unless padding hides keys anywhere.
-        """
-        b, l = q.shape[:2]
-        num_keys = keys.shape[1]
-        k = min(self.topk, num_keys)
-        pad = None
-        if key_padding is not None and not bool(key_padding[:, :num_keys].all()):
-            pad = key_padding[:, :num_keys]
-        if self.config.indexer_implementation == "fused":
-            return fused_topk(q, w, keys, q_positions, pad, k)
-        step = query_chunk(l, 4 * num_keys * (self.n_heads + 1) * b)
-        scratch = reusable_buffer((self.n_heads + 1) * b * min(step, l) * num_keys, torch.float32, q.device)
-        out = []
-        for start in range(0, l, step):
-            pos = q_positions[:, start : start + step]  # [B or 1, Lc] cache indices
-            t = min(num_keys, int(pos.max()) + 1)  # keys beyond the chunk's last query are never visible
-            scores = relu_weighted_scores(q[:, start : start + step], w[:, start : start + step], keys[:, :t],
-                                          scratch)
-            first = max(0, min(int(pos.min()), t))
-            if first < t:
-                slab = torch.arange(first, t, device=q.device) > pos[..., None]  # [B or 1, Lc, t - first]
-                scores[..., first:].masked_fill_(slab, float("-inf"))
-            if pad is not None:
-                scores.masked_fill_(~pad[:, None, :t], float("-inf"))
-            kk = min(k, t)
-            top = deterministic_topk(scores, kk)
-            visible = top <= pos[..., None]
-            if pad is not None:
-                visible &= pad.gather(1, top.flatten(1)).view_as(top)
-            top = torch.where(visible, top, -1)
-            if kk < k:
-                top = F.pad(top, (0, k - kk), value=-1)
-            out.append(top)
-        return torch.cat(out, dim=1)
+    def select(self, q, w, keys, limit, key_padding=None) -> torch.Tensor:
+        """Top-`index_topk` visible keys per query (at most T) -> idx [B, L, min(k, T)]; see `select_topk`."""
+        return select_topk(q, w, keys, limit, min(self.topk, keys.shape[1]), self.config.indexer_implementation,
+                           key_padding)

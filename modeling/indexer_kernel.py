@@ -1,20 +1,23 @@
 """The fused CPU lightning-indexer kernel (`indexer_topk.c`): build it, load it, call it.
 
-`config.indexer_implementation = "fused"` routes DSA and CSA selection here. The eager path materialises
-the [L, T] score matrix and makes several passes over it; in float32 on a CPU those passes and the matmul
-that feeds them are most of a long prefill (bench/indexer_costs.py). The kernel scores and keeps a running
-top-k per query in one pass, with bfloat16 q and k and float32 accumulation (the official V3.2 kernel uses
-FP8 q and k) on the AMX tile unit where the CPU has one. Its picks equal the eager ones except where the
-bf16 rounding reorders near-equal scores (`python bench/indexer_costs.py` reports the overlap).
+`config.indexer_implementation = "fused"` routes DSA and CSA selection here, and so does the default "auto" for
+CPU tensors when the kernel builds (`available()`). The eager path writes the float32 scores of each query chunk
+against all its visible keys and makes several passes over them; on a CPU those passes and the matmul that feeds
+them are most of a long prefill (bench/indexer_costs.py). The kernel scores and keeps a running top-k per query in
+one pass, with bfloat16 q and k and float32 accumulation (the official V3.2 kernel uses FP8 q and k) on the AMX
+tile unit where the CPU has one. Its picks equal the eager ones except where the bf16 rounding reorders
+near-equal scores (`python bench/indexer_costs.py` reports the overlap).
 
 The C source is compiled on first use with the system C compiler (`CC`, default `cc`) for the machine it runs
 on (-march=native) into SEEKV4_KERNEL_CACHE (default ~/.cache/seekv4/kernels), keyed by a hash of source and
-flags. No compiler, or tensors not on the CPU, is an error that says so: nothing falls back silently.
+flags. With "fused", no compiler, or tensors not on the CPU, is an error that says so. With "auto", a kernel that
+cannot be built is logged once (a warning naming the cause) and selection runs the eager path: never silently.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shlex
 import subprocess
@@ -27,10 +30,13 @@ import torch
 
 from .workspace import reusable_buffer
 
+logger = logging.getLogger(__name__)
+
 SOURCE = Path(__file__).with_name("indexer_topk.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11", "-D_GNU_SOURCE"]
 _LOCK = threading.Lock()
 _LIB = None
+_LIB_ERROR = None  # why the kernel could not be built, once `available()` has tried (logged once)
 _POOL = None
 
 
@@ -89,6 +95,22 @@ def library():
     return _LIB
 
 
+def available() -> bool:
+    """Whether the kernel builds and loads (tried once). The first failure is logged as a warning, since
+    indexer_implementation="auto" then selects with the eager path (same picks, slower at long context)."""
+    global _LIB_ERROR
+    if _LIB is not None:
+        return True
+    if _LIB_ERROR is None:
+        try:
+            library()
+        except (IndexerKernelError, OSError) as e:
+            _LIB_ERROR = e
+            logger.warning(f"indexer_implementation='auto': the fused CPU indexer kernel is unavailable, so DSA/CSA "
+                           f"selection runs the eager float32 path (slower at long context). Cause: {e}")
+    return _LIB is not None
+
+
 def uses_amx() -> bool:
     return library().amx
 
@@ -101,10 +123,10 @@ def _pool(n: int) -> ThreadPoolExecutor:
 
 
 @torch.no_grad()
-def fused_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, last_visible: torch.Tensor,
+def fused_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, limit: torch.Tensor,
                key_padding: torch.Tensor | None, k: int, *, amx: bool | None = None) -> torch.Tensor:
-    """q [B, L, Hi, D], w [B, L, Hi], keys [B, T, D], last_visible [B or 1, L] (the last key index each query may
-    see), key_padding [B, T] bool or None -> idx [B, L, k] int64, best first, ties -> later key, -1 = none.
+    """q [B, L, Hi, D], w [B, L, Hi], keys [B, T, D], limit [B or 1, L] (query l sees the keys s < limit[l]),
+    key_padding [B, T] bool or None -> idx [B, L, k] int64, best first, ties -> later key, -1 = none.
 
     `amx=False` forces the portable loop (same rounded products; used by tests on AMX machines)."""
     if q.device.type != "cpu":
@@ -118,7 +140,7 @@ def fused_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, last_visibl
     if l == 0 or k == 0:
         return out
     qf, wf, kf = q.float().contiguous(), w.float().contiguous(), keys.float().contiguous()
-    limits = last_visible.to(torch.int64).expand(b, l).contiguous()
+    limits = (limit.to(torch.int64) - 1).expand(b, l).contiguous()  # the kernel takes the last visible key
     valid = None if key_padding is None else key_padding[:, :t].to(torch.uint8).contiguous()
     threads = max(1, torch.get_num_threads())
 

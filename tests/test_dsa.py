@@ -5,7 +5,8 @@ from transformers import DynamicCache
 
 from seekv4 import SeekV4Config, SeekV4ForCausalLM
 from seekv4.modeling.dsa import freeze_all_but_indexers
-from seekv4.modeling.indexer import LightningIndexer, causal_valid, deterministic_topk
+from seekv4.modeling import indexer as indexer_module
+from seekv4.modeling.indexer import LightningIndexer, deterministic_topk, select_topk, visible_keys
 from references import sparse_attention_reference
 from seekv4.modeling.sparse_attention import sparse_attention
 
@@ -107,7 +108,7 @@ def test_long_row_topk_matches_composite_key_reference(kind):
 
 
 def test_indexer_selection_matches_float64_recomputation():
-    config = SeekV4Config.from_preset("tiny-deepseek-v3.2", index_topk=7)
+    config = SeekV4Config.from_preset("tiny-deepseek-v3.2", index_topk=7, indexer_implementation="eager")
     torch.manual_seed(0)
     indexer = LightningIndexer(config, q_input_dim=48).double()
     hidden, q_in = torch.randn(2, 30, 64, dtype=torch.float64), torch.randn(2, 30, 48, dtype=torch.float64)
@@ -116,7 +117,7 @@ def test_indexer_selection_matches_float64_recomputation():
     q, w = indexer.queries(hidden, q_in, cos, sin)
     padding = torch.ones(2, 30, dtype=torch.bool)
     padding[1, :4] = False
-    idx = indexer.select(q, w, keys, torch.arange(30)[None], padding)
+    idx = indexer.select(q, w, keys, torch.arange(1, 31)[None], padding)
     for bi in range(2):
         for t in range(30):
             scores = [sum(w[bi, t, h] * torch.relu(q[bi, t, h] @ keys[bi, s]) for h in range(4)).item()
@@ -125,6 +126,30 @@ def test_indexer_selection_matches_float64_recomputation():
             expect = sorted(sorted(zip(scores, positions), reverse=True)[:7], key=lambda x: x[1])
             got = sorted(i for i in idx[bi, t].tolist() if i >= 0)
             assert got == sorted(p for _, p in expect)
+
+
+@pytest.mark.parametrize("ratio", [1, 4])  # 1: DSA (limit = cache index + 1); 4: CSA (complete entries)
+def test_eager_selection_streams_query_chunks_within_the_budget(ratio, monkeypatch):
+    """The eager path scores chunks of queries, each only against the keys below its largest limit, so no
+    [L, T] score matrix exists; the picked sets are those of one unchunked pass (padding included)."""
+    g = torch.Generator().manual_seed(ratio)
+    b, l, hi, d, k = 2, 90, 4, 16, 8
+    n = l // ratio
+    q, w = torch.randn(b, l, hi, d, generator=g), torch.randn(b, l, hi, generator=g)
+    keys = torch.randn(b, n, d, generator=g)
+    limit = (torch.arange(1, l + 1)[None] // ratio).expand(b, l)
+    pad = torch.ones(b, n, dtype=torch.bool)
+    pad[1, : n // 3] = False  # a left-padded row
+    ref = select_topk(q, w, keys, limit, k, "eager", pad)  # the default budget holds all 90 queries: one chunk
+    scored = []
+    score = indexer_module.index_scores
+    monkeypatch.setattr(indexer_module, "index_scores", lambda q, w, keys, *a, **kw: scored.append(
+        (q.shape[1], keys.shape[1])) or score(q, w, keys, *a, **kw))
+    monkeypatch.setattr("seekv4.modeling.sparse_attention.CHUNK_BUDGET_BYTES", 4 * n * (hi + 1) * b * 16)
+    got = select_topk(q, w, keys, limit, k, "eager", pad)
+    assert torch.equal(got.sort(-1).values, ref.sort(-1).values)  # the order among tied scores is torch.topk's
+    expect = [(min(16, l - s), min(n, int(limit[:, s : s + 16].max()))) for s in range(0, l, 16)]
+    assert scored == [x for x in expect if x[1] > 0]  # chunks that see no key are not scored
 
 
 # ---- model-level cache correctness ---------------------------------------------------------------
@@ -251,7 +276,7 @@ def test_freeze_all_but_indexers():
     assert not model.lm_head.weight.requires_grad
 
 
-def test_causal_valid_pads_static_cache_slots():
+def test_visible_keys_pads_static_cache_slots():
     pad = torch.tensor([[False, True, True]])
-    valid = causal_valid(torch.tensor([[1, 2]]), 5, pad)
+    valid = visible_keys(torch.tensor([[2, 3]]), 5, pad)
     assert valid.tolist() == [[[False, True, False, False, False], [False, True, True, False, False]]]

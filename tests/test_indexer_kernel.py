@@ -4,14 +4,15 @@ With q, k and w on a coarse dyadic grid every bf16 rounding and float32 sum is e
 identical scores and must pick identical sets, ties (common on such a grid) included. On random inputs the
 kernel's bf16 products may reorder near-equal scores; there the picks must still mostly agree.
 """
-import pytest
-import torch
+import logging
 from types import SimpleNamespace
 
-from seekv4 import SeekV4Config
+import pytest
+import torch
+
+from seekv4 import SeekV4Config, SeekV4ForCausalLM
 from seekv4.modeling import indexer_kernel
-from seekv4.modeling.attention_v4 import V4Indexer
-from seekv4.modeling.indexer import LightningIndexer
+from seekv4.modeling.indexer import LightningIndexer, index_scores, resolve_implementation, select_topk
 from seekv4.modeling.indexer_kernel import IndexerKernelError, fused_topk
 
 PATHS = [True, False] if indexer_kernel.uses_amx() else [False]  # tile unit and portable loop
@@ -37,13 +38,13 @@ def as_sets(idx):
 def test_picks_equal_eager_on_exact_grid(amx, h, d, length, k):
     g = torch.Generator().manual_seed(h * 1000 + d)
     q, w, keys = grid(2, length, h, d, generator=g), grid(2, length, h, scale=2, generator=g), grid(2, length, d, generator=g)
-    pos = torch.arange(length)[None]
-    ref = eager_indexer(h, d, k).select(q, w, keys, pos, None)
-    got = fused_topk(q, w, keys, pos, None, min(k, length), amx=amx)
+    limit = torch.arange(1, length + 1)[None]  # causal: query t sees keys s <= t
+    ref = eager_indexer(h, d, k).select(q, w, keys, limit, None)
+    got = fused_topk(q, w, keys, limit, None, min(k, length), amx=amx)
     assert got.shape == ref.shape
     assert torch.equal(as_sets(got), as_sets(ref))
     # best first; equal scores -> later position first (the eager tie rule)
-    scores = LightningIndexer.score(q, w, keys)
+    scores = index_scores(q, w, keys)
     picked = scores.gather(-1, got.clamp(min=0)).masked_fill(got < 0, float("-inf"))
     assert (picked[..., :-1] >= picked[..., 1:]).all()
     tie = picked[..., :-1] == picked[..., 1:]
@@ -55,7 +56,7 @@ def test_all_zero_rows_take_the_latest_keys(amx):
     """Negative head weights with positive dot products: every score is 0, the k latest visible keys win."""
     q, keys = torch.ones(1, 50, 2, 16), torch.ones(1, 50, 16)
     w = -torch.ones(1, 50, 2)
-    got = fused_topk(q, w, keys, torch.arange(50)[None], None, 4, amx=amx)
+    got = fused_topk(q, w, keys, torch.arange(1, 51)[None], None, 4, amx=amx)
     expect = torch.stack([torch.tensor([t - j if t - j >= 0 else -1 for j in range(4)]) for t in range(50)])
     assert torch.equal(got[0], expect)
 
@@ -70,8 +71,8 @@ def test_padding_and_decode_positions_match_eager(amx):
     pad = torch.ones(b, t, dtype=torch.bool)
     pad[1, :37] = False
     pad[0, 50:53] = False
-    ref = eager_indexer(h, d, k).select(q, w, keys, pos, pad)
-    got = fused_topk(q, w, keys, pos, pad, k, amx=amx)
+    ref = eager_indexer(h, d, k).select(q, w, keys, pos + 1, pad)
+    got = fused_topk(q, w, keys, pos + 1, pad, k, amx=amx)
     assert torch.equal(as_sets(got), as_sets(ref))
     assert (got[1, 0] == -1).all()  # query at 10 sees only padding
 
@@ -80,22 +81,22 @@ def test_v4_selection_matches_eager_on_exact_grid():
     g = torch.Generator().manual_seed(5)
     q, w, keys = grid(2, 40, 4, 16, generator=g), grid(2, 40, 4, scale=2, generator=g), grid(2, 12, 16, generator=g)
     limit = (torch.arange(40)[None].expand(2, 40) + 1) // 4  # CSA: entries i < (t + 1) // 4 are complete
-    ref = V4Indexer.select(q, w, keys, limit, 6)
-    got = V4Indexer.select(q, w, keys, limit, 6, "fused")
+    ref = select_topk(q, w, keys, limit, 6, "eager")
+    got = select_topk(q, w, keys, limit, 6, "fused")
     assert torch.equal(as_sets(got), as_sets(ref))
 
 
 def test_random_inputs_mostly_agree_and_threads_do_not_change_the_result():
     g = torch.Generator().manual_seed(0)
     q, w, keys = torch.randn(1, 600, 2, 64, generator=g), torch.randn(1, 600, 2, generator=g), torch.randn(1, 600, 64, generator=g)
-    pos = torch.arange(600)[None]
-    ref = eager_indexer(2, 64, 16).select(q, w, keys, pos, None)
+    limit = torch.arange(1, 601)[None]
+    ref = eager_indexer(2, 64, 16).select(q, w, keys, limit, None)
     old = torch.get_num_threads()
     try:
         got = {}
         for threads in (1, 2):  # 2: key packing and query ranges split over a thread pool
             torch.set_num_threads(threads)
-            got[threads] = fused_topk(q, w, keys, pos, None, 16)
+            got[threads] = fused_topk(q, w, keys, limit, None, 16)
     finally:
         torch.set_num_threads(old)
     assert torch.equal(got[1], got[2])
@@ -123,7 +124,7 @@ def test_unwritable_kernel_cache_is_a_clear_error(monkeypatch, tmp_path):
 def test_non_cpu_tensors_are_refused():
     q = torch.zeros(1, 2, 2, 8, device="meta")
     with pytest.raises(IndexerKernelError, match="CPU kernel.*indexer_implementation='eager'"):
-        fused_topk(q, q[..., 0], q[:, :, 0], torch.arange(2)[None], None, 1)
+        fused_topk(q, q[..., 0], q[:, :, 0], torch.arange(1, 3)[None], None, 1)
 
 
 def test_unknown_implementation_is_rejected():
@@ -140,6 +141,51 @@ def test_decode_path_equals_eager(amx):
     pos = torch.tensor([[40, 5000, t - 1]])
     pad = torch.ones(1, t, dtype=torch.bool)
     pad[0, 8000:8100] = False
-    ref = eager_indexer(h, d, k).select(q, w, keys, pos, pad)
-    got = fused_topk(q, w, keys, pos, pad, k, amx=amx)
+    ref = eager_indexer(h, d, k).select(q, w, keys, pos + 1, pad)
+    got = fused_topk(q, w, keys, pos + 1, pad, k, amx=amx)
     assert torch.equal(as_sets(got), as_sets(ref))
+
+
+@pytest.mark.parametrize("preset", ["tiny-deepseek-v3.2", "tiny-deepseek-v4-flash"])
+def test_the_fused_kernel_is_the_default_selection_on_cpu(preset, monkeypatch):
+    """DSA and CSA models built with the default config select with the kernel; "eager" stays one switch away."""
+    calls = []
+    fused = indexer_kernel.fused_topk
+    monkeypatch.setattr(indexer_kernel, "fused_topk", lambda *a, **kw: calls.append(a[0].shape) or fused(*a, **kw))
+    config = SeekV4Config.from_preset(preset)
+    assert config.indexer_implementation == "auto"
+    model = SeekV4ForCausalLM(config).eval()
+    ids = torch.randint(3, 256, (1, 40))
+    with torch.no_grad():
+        model(ids)
+        assert calls
+        calls.clear()
+        model.config.indexer_implementation = "eager"
+        model(ids)
+    assert not calls
+
+
+def test_auto_without_a_kernel_runs_eager_and_logs_it_once(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(indexer_kernel, "_LIB", None)
+    monkeypatch.setattr(indexer_kernel, "_LIB_ERROR", None)
+    monkeypatch.setenv("SEEKV4_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    g = torch.Generator().manual_seed(9)
+    q, w = torch.randn(1, 30, 2, 16, generator=g), torch.randn(1, 30, 2, generator=g)
+    keys = torch.randn(1, 30, 16, generator=g)
+    limit = torch.arange(1, 31)[None]
+    with caplog.at_level(logging.INFO, logger=indexer_kernel.__name__):
+        got = [select_topk(q, w, keys, limit, 5, "auto") for _ in range(3)]
+    ref = select_topk(q, w, keys, limit, 5, "eager")
+    assert all(torch.equal(x, ref) for x in got)
+    messages = [r.getMessage() for r in caplog.records if r.name == indexer_kernel.__name__]
+    assert len(messages) == 1 and "eager" in messages[0] and "needs a C compiler" in messages[0], messages
+    assert caplog.records[0].levelno == logging.WARNING
+    with pytest.raises(IndexerKernelError, match="needs a C compiler"):  # an explicit "fused" still refuses
+        select_topk(q, w, keys, limit, 5, "fused")
+
+
+def test_auto_is_eager_off_the_cpu():
+    assert resolve_implementation("auto", torch.device("meta")) == "eager"
+    assert resolve_implementation("auto", torch.device("cpu")) == ("fused" if indexer_kernel.available() else "eager")
+    assert resolve_implementation("eager", torch.device("cpu")) == "eager"
