@@ -61,6 +61,9 @@ def lora_targets(model, names):
 def test_unmerged_lora_equals_merged_model(preset, targets, mla_absorbed):
     """Unmerged LoRA gives the merged model's logits on a full forward and when decoding with the cache."""
     model = make(preset)
+    # merged and unmerged layers agree to float rounding only; the fused kernel's bf16 scores would turn that into
+    # different top-k picks at near-ties, so selection uses the float32 reference here
+    model.config.indexer_implementation = "eager"
     ids = prompt(model.config, length=40)  # V4 prefill: enough rows for o_a_proj's effective-weight branch
     lora = with_lora(model, targets).eval()
     with torch.no_grad():
