@@ -24,7 +24,7 @@ CONFIGS = {
     "gqa-dsa-top4": ("tiny-gqa", _GQA_DSA),
     "seed-v4": ("tiny-seed-v4", dict(index_topk=4)),
 }
-V4_PRESETS = ["tiny-deepseek-v4-flash"]
+V4_PRESETS = ["tiny-deepseek-v4-flash", "tiny-deepseek-v4.1-flash"]  # the latter with Engram
 _MODELS = {}
 
 
