@@ -1,8 +1,8 @@
-"""Every cache kind (dynamic, static, offloaded) decodes exactly as the cache-less model; positions from the mask.
+"""Every cache kind (dynamic, static, offloaded) decodes as the cache-less model (1e-4); positions from the mask.
 
 The reference is `generate(use_cache=False)`: each step re-runs the whole sequence, so no cache state is involved.
-Prompt lengths 1, 5 and 11 are the ones where a static cache's buffer is much longer than the prompt (the MLA layer
-then takes its absorbed path at prefill), 16 the one where it is not.
+With prompt lengths 5 and 11 a static buffer (prompt + 8 slots) is long enough for the MLA layer to take its absorbed
+path at prefill, which applies its own causal mask when given none; 1 and 16 do not, DSA layers fail at any length.
 """
 import pytest
 import torch
