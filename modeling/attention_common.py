@@ -17,6 +17,14 @@ class AttentionAux:
     indexer_recall: torch.Tensor | None = None  # dense warm-up: share of attention mass inside the top-k
 
 
+def past_length(past_key_values, layer_idx: int = 0) -> int:
+    """Tokens already cached for `layer_idx`, as a Python int snapshot. A static cache layer reports a live tensor
+    that its `update` increments in place, so a value kept across the update would silently move on by S."""
+    if past_key_values is None:
+        return 0
+    return int(past_key_values.get_seq_length(layer_idx))
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[B, Hkv, T, D] -> [B, Hkv * n_rep, T, D]."""
     if n_rep == 1:

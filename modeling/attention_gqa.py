@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention_common import AttentionAux, attention_kernel, eager_attention_forward
+from .attention_common import AttentionAux, attention_kernel, eager_attention_forward, past_length
 from .cache_append import cache_update
 from .dsa import DSAMixin
 from .rope import apply_rope
@@ -52,7 +52,7 @@ class GQAAttention(DSAMixin, nn.Module):
         v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings[self.kind]
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+        past_len = past_length(past_key_values, self.layer_idx)  # before this layer's update
         if past_key_values is not None:
             k, v = cache_update(past_key_values, self.layer_idx, k, v)
         if self.indexer is not None:

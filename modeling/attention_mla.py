@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_common import AttentionAux, apply_mask, attention_kernel, causal_bool_mask
+from .attention_common import AttentionAux, apply_mask, attention_kernel, causal_bool_mask, past_length
 from .cache_append import cache_update
 from .dsa import DSAMixin
 from .fp8 import pack_fp8, packed_bytes, reinterpret, unpack_fp8
@@ -77,7 +77,7 @@ class MLAAttention(DSAMixin, nn.Module):
         interleaved = self.config.rope_interleave
         q_rope = apply_rope(q_rope, cos, sin, interleaved)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, interleaved)  # [B, 1, S, dr]
-        past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+        past_len = past_length(past_key_values, self.layer_idx)  # before this layer's update
         if self.config.kv_cache_dtype == "fp8_e4m3":
             c_kv, k_rope = self._fp8_cache(c_kv, k_rope, past_key_values)
         elif past_key_values is not None:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
-from .attention_common import AttentionAux
+from .attention_common import AttentionAux, past_length
 from .compressor import Compressor, CompressorState
 from .dsa import kl_to_indexer
 from .fp8 import fp8_round_head
@@ -97,6 +97,22 @@ class V4CacheLayer(DynamicLayer):
         self.is_initialized = False
 
 
+class V4StaticCacheLayer(StaticLayer):
+    """Registered as the static cache layer of `v4` attention only to refuse static caches with a clear error
+    (instead of transformers' KeyError): a static layer is one preallocated [B, H, max_len, D] buffer, while a
+    `v4` layer keeps a sliding window of K=V rows plus compressor state that no such buffer holds."""
+
+    _layer_type = "seekv4_v4"
+
+    def __init__(self, *args, **kwargs):
+        raise ValueError(
+            "A static cache (cache_implementation='static' or 'offloaded_static', or StaticCache) preallocates fixed "
+            "key/value buffers, which `v4` attention layers cannot use: they keep a sliding window plus compressor "
+            "state. Use the dynamic cache instead: leave cache_implementation unset (or 'dynamic' / 'offloaded'), or "
+            "pass past_key_values=DynamicCache(config=model.config)."
+        )
+
+
 class V4Indexer(nn.Module):
     """CSA's lightning indexer: DSA's scorer and selection (modeling/indexer.py) over compressed index entries."""
 
@@ -167,7 +183,7 @@ class V4Attention(nn.Module):
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, key_padding=None,
                 position_ids=None, **kwargs):
         b, s, _ = hidden_states.shape
-        past_len = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+        past_len = past_length(past_key_values, self.layer_idx)  # before this layer's update
         if position_ids is None:
             position_ids = (torch.arange(s, device=hidden_states.device) + past_len)[None]
         position_ids = position_ids.expand(b, s)

@@ -69,9 +69,22 @@ def cache_update(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor
 
 def cache_update_indexer(cache, layer_idx: int, index_keys: torch.Tensor) -> torch.Tensor:
     """`cache.update_indexer(index_keys, layer_idx)` with amortised appends (index keys [B, S, D])."""
+    if getattr(cache, "offloading", False):
+        return _update_indexer_offloaded(cache, layer_idx, index_keys)
     if not _handled(cache, layer_idx, index_keys):
         return cache.update_indexer(index_keys, layer_idx)
     layer = cache.layers[layer_idx]
     if not layer.is_indexer_initialized:
         layer.lazy_initialization_indexer(index_keys)
     return _append(layer, "indexer_keys", index_keys, 1)
+
+
+def _update_indexer_offloaded(cache, layer_idx: int, index_keys: torch.Tensor) -> torch.Tensor:
+    """`Cache.update` has just offloaded this layer, indexer keys included, and `update_indexer` neither fetches
+    them back nor offloads again: move them to the new keys' device, append, and offload them once more."""
+    layer = cache.layers[layer_idx]
+    if getattr(layer, "is_indexer_initialized", False) and layer.indexer_keys.device != index_keys.device:
+        layer.indexer_keys = layer.indexer_keys.to(index_keys.device)
+    keys = cache.update_indexer(index_keys, layer_idx)
+    cache.offload(layer_idx, cache.only_non_sliding)
+    return keys

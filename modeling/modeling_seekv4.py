@@ -11,13 +11,14 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from ..configuration import SeekV4Config
 from .attention_kinds import attention_kinds
+from .attention_common import past_length
 from .attention_gqa import GQAAttention
 from .attention_mla import MLAAttention
 from .attention_v4 import V4Attention
@@ -37,6 +38,29 @@ def build_ffn(config, kind: str) -> nn.Module:
     if kind == "dense":
         return DenseFFN(config)
     return MoE(config, hashed=kind == "hash_moe")
+
+
+def positions_for(padding_mask: torch.Tensor | None, past_len: int, seq_len: int, device) -> torch.Tensor:
+    """Position ids of the `seq_len` new tokens. Without padding [1, S] from `past_len`; with a 2-D padding mask
+    [B, past_len + S] each sample counts only its own real tokens (cumsum - 1, padding at 0, as `generate`
+    derives them), so a left-padded sample is positioned as it would be alone: RoPE is relative, but V4's
+    compressors pool fixed windows of absolute positions."""
+    if padding_mask is None:
+        return (torch.arange(seq_len, device=device) + past_len)[None]
+    if padding_mask.shape[-1] != past_len + seq_len:
+        raise ValueError(
+            f"`attention_mask` has {padding_mask.shape[-1]} columns but the model sees {past_len} cached + {seq_len} "
+            f"new = {past_len + seq_len} tokens: pass one column per cached and new token (1 = real, 0 = padding), "
+            "or pass `position_ids` explicitly."
+        )
+    mask = padding_mask.long()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return positions[:, -seq_len:].to(device)
+
+
+def has_static_layers(past_key_values) -> bool:
+    """Whether the cache preallocates buffers longer than what it holds (unfilled slots must be masked)."""
+    return any(isinstance(layer, StaticLayer) for layer in getattr(past_key_values, "layers", ()))
 
 
 @dataclass
@@ -149,7 +173,8 @@ class SeekV4PreTrainedModel(PreTrainedModel):
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
         """`generate` pre-builds 4-D masks for static caches; our forward builds its own masks (the sparse
-        kinds need the 2-D padding mask), so hand the 2-D mask through unchanged."""
+        kinds need the 2-D padding mask, and a static cache's mask is always materialised there), so hand the
+        2-D mask through unchanged."""
         return attention_mask
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
@@ -331,24 +356,33 @@ class SeekV4Model(SeekV4PreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
         if not use_cache:
             past_key_values = None
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_len = past_length(past_key_values)  # an int, read before any layer updates the cache
         self._check_inputs(input_ids, inputs_embeds, past_len, attention_mask, position_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        padded = attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())
         if position_ids is None:
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len)[None]
+            position_ids = positions_for(attention_mask if padded else None, past_len, inputs_embeds.shape[1],
+                                         inputs_embeds.device)
         mask = None  # only kinds that call a dense kernel need the [B, 1, S, T] mask (O(S·T) to build)
         if self._needs_dense_mask:
+            # transformers may return no mask and rely on sdpa's top-left `is_causal`; our eager and absorbed
+            # kernels then align queries with the *last* keys, wrong for a static cache's unfilled tail
             mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      past_key_values=past_key_values, position_ids=position_ids)
+                                      past_key_values=past_key_values, position_ids=position_ids,
+                                      allow_is_causal_skip=not has_static_layers(past_key_values))
         rope = {kind: emb(position_ids, inputs_embeds.dtype) for kind, emb in self.rotary_emb.items()}
         layer_kwargs = {"output_attentions": True} if output_attentions else {}
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        if padded:
             layer_kwargs["key_padding"] = attention_mask.bool()  # [B, T]: sparse kinds mask padding themselves
         if "v4" in self.config.attention_types:
             layer_kwargs["position_ids"] = position_ids  # v4 compressors pool windows of each sample's positions
         engram_rows, engram_state, engram_ids = self._engram_prefetch(input_ids, attention_mask, past_key_values,
                                                                       inputs_embeds.device)
+        if getattr(past_key_values, "offloading", False) and engram_cache(past_key_values) is not None:
+            # the Engram layer sits after the attention layers: the cache's circular prefetch after the last one
+            # lands on it and never wraps around to layer 0, which would then be read while offloaded
+            past_key_values.prefetch(0, past_key_values.only_non_sliding)
 
         hidden = expand(inputs_embeds, self.config.hc_mult)  # residual streams [B, S, n, H]
         all_hidden, all_attn, all_router, aux_losses, indexer_losses, recalls = [], [], [], [], [], []
