@@ -7,9 +7,8 @@ float32, batch 1, `model(input_ids, use_cache=True, logits_to_keep=1)` under tor
 thread count. Implementations (config.indexer_implementation, switched on the same model): "auto" (the default;
 the line says what it resolved to on this machine), "eager" (float32 torch ops, streamed by query chunks) and
 "fused" (the compiled CPU kernel). Each prints, per length, the prefill time (median of --repeats, after one
-256-token warm-up prefill) and its growth over the shortest length. The header names the CPU (the model name
-lscpu shows, and whether it has avx2 / avx512f / amx_tile) and a 512^3 fp32 matmul probe (GFLOP/s) before and
-after, since shared machines drift.
+256-token warm-up prefill) and its growth over the shortest length. The header names the CPU model and ISA and a 512^3
+fp32 matmul probe (GFLOP/s) before and after, since shared machines drift (bench/common.py).
 """
 from __future__ import annotations
 
@@ -20,26 +19,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 import long_context as lc  # noqa: E402
 
 import torch  # noqa: E402
-
-
-def cpu_line() -> str:
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    isa = ", ".join(f"{x} {'yes' if x in flags else 'no'}" for x in ("avx2", "avx512f", "amx_tile"))
-    return f"{model} ({isa})"
 
 
 def main(argv=None):
@@ -58,11 +41,11 @@ def main(argv=None):
     default = cfg.indexer_implementation
     torch.manual_seed(0)
     model = seekv4.SeekV4ForCausalLM(cfg).eval()
-    print(f"# prefill growth: preset {a.preset}, default indexer_implementation={default!r} -> "
-          f"{resolve_implementation(default, torch.device('cpu'))!r} here; {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    print(f"# CPU: {cpu_line()}; probe {lc.probe_gflops():.0f} GFLOP/s")
-    print("| length | implementation | seconds | growth |")
+    print(common.header("prefill growth with context length", __file__, torch.get_num_threads(),
+                        sys.argv[1:] if argv is None else argv))
+    print(f"preset {a.preset}, default indexer_implementation={default!r} -> "
+          f"{resolve_implementation(default, torch.device('cpu'))!r} here; probe {common.matmul_gflops():.0f} GFLOP/s")
+    print("\n| length | implementation | seconds | growth |")
     print("|---:|---|---:|---:|")
     with torch.inference_mode():
         for impl in a.implementations:
@@ -80,7 +63,7 @@ def main(argv=None):
                 s = statistics.median(times)
                 first = first or s
                 print(f"| {length} | {name} | {s:.2f} | {s / first:.2f}x |", flush=True)
-    print(f"# probe after: {lc.probe_gflops():.0f} GFLOP/s")
+    print(f"\nprobe after: {common.matmul_gflops():.0f} GFLOP/s")
 
 
 if __name__ == "__main__":
