@@ -1,11 +1,12 @@
-"""Multi-token prediction (DeepSeek-V3 §2.2; V4 `MTPBlock`, spec §4.11).
+"""Multi-token prediction (DeepSeek-V3 §2.2; V4 `MTPBlock`; docs/mtp.md).
 
 Module k (k = 1..D) at position t predicts token t+1+k. Its input combines the previous depth's residual
 streams (the main model's final streams, before the head, for k = 1) with the embedding of token t+k:
     X = W^h RMSNorm(H) (per stream) + W^e RMSNorm(Emb(x_{t+k})) (broadcast over streams)
 then one decoder block, its own residual head and final norm; the LM head and embedding are shared with
-the main model. Training follows the V3 shift convention (spec Q14). The block takes the last layer's kinds,
-except in V4 models, whose MTP block attends over the sliding window only and routes its MoE by score.
+the main model. Training follows the V3 shift convention (docs/decisions.md#d6-mtp-alignment). The block takes
+the last layer's kinds, except in V4 models, whose MTP block attends over the sliding window only and routes its
+MoE by score.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class MTPModule(nn.Module):
 
 def mtp_block_config(config):
     """Config to build an MTP block from, as layer `num_hidden_layers - 1`: the last layer's kinds, or for a
-    `v4` last layer `sliding` attention (compress ratio 0) and `moe` instead of `hash_moe` (spec §4.11)."""
+    `v4` last layer `sliding` attention (compress ratio 0) and `moe` instead of `hash_moe` (V4 `MTPBlock`)."""
     if config.attention_types[-1] != "v4":
         return config
     config = copy.deepcopy(config)
