@@ -244,3 +244,14 @@ def target_row(name: str, value: float | None, op: str, threshold: float, refere
 
 
 TARGET_HEADERS = ["target", "measured", "threshold", "status", "reference"]
+
+
+def build_kernel_for(march: str | None) -> None:
+    """Build the fused indexer kernel for `-march=<march>` instead of the host's (`haswell`: AVX2 + FMA only, no
+    AVX-512 / AMX), so an AVX2-only CPU's code path can be timed on this machine. Call before the kernel is first
+    used; the kernel cache is keyed by the flags, so the native build is not replaced."""
+    if not march:
+        return
+    from seekv4.modeling import indexer_kernel
+
+    indexer_kernel.FLAGS[:] = [f"-march={march}" if f == "-march=native" else f for f in indexer_kernel.FLAGS]

@@ -31,7 +31,10 @@ def main(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--implementations", nargs="+", default=["auto", "eager", "fused"])
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--march", help="build the fused kernel for this -march instead of the host's (e.g. haswell: "
+                                   "AVX2 only, no AVX-512/AMX, the code path of an AVX2-only CPU)")
     a = p.parse_args(argv)
+    common.build_kernel_for(a.march)
 
     import seekv4
     from seekv4.modeling.indexer import resolve_implementation
@@ -44,7 +47,8 @@ def main(argv=None):
     print(common.header("prefill growth with context length", __file__, torch.get_num_threads(),
                         sys.argv[1:] if argv is None else argv))
     print(f"preset {a.preset}, default indexer_implementation={default!r} -> "
-          f"{resolve_implementation(default, torch.device('cpu'))!r} here; probe {common.matmul_gflops():.0f} GFLOP/s")
+          f"{resolve_implementation(default, torch.device('cpu'))!r} here (kernel built for "
+          f"-march={a.march or 'native'}); probe {common.matmul_gflops():.0f} GFLOP/s")
     print("\n| length | implementation | seconds | growth |")
     print("|---:|---|---:|---:|")
     with torch.inference_mode():
