@@ -5,7 +5,7 @@ layer itself only knows their interfaces (see ARCHITECTURE.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -14,18 +14,22 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
 from ..configuration import SeekV4Config
 from .attention_kinds import attention_kinds
-from .attention_common import past_length
+from .attention_common import AttentionAux, past_length
 from .attention_gqa import GQAAttention
 from .attention_mla import MLAAttention
 from .attention_v4 import V4Attention
 from .checkpoint import check_checkpoint, save_checkpoint
 from .engram import Engram, EngramCacheLayer, EngramMemory, NgramHasher, engram_cache
 from .engram_table import EngramTable, restore_engram_tables
-from .moe import DenseFFN, Experts, Gate, HashRouter, MoE, Router
+from .moe import DenseFFN, Experts, Gate, HashRouter, MoE, Router, RouterAux
 from .mtp import MTPModule, mtp_block_config, shift_left
 from .norm import RMSNorm
 from .residual import HCSite, HyperHead, MHCSite, build_head, build_site, expand
@@ -93,6 +97,76 @@ class SeekV4CausalLMOutput(ModelOutput):
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
+class SeekV4LayerKwargs(TransformersKwargs, total=False):
+    """What the model hands every layer besides its named arguments.
+
+    key_padding (`torch.BoolTensor` [batch, cached + new tokens]): the padding mask (True = token), given only when
+        the batch is padded; sparse attention kinds mask padded keys themselves instead of reading a dense mask.
+    """
+
+    key_padding: torch.BoolTensor
+
+
+@dataclass
+class LayerOutputs:
+    """What the layer loop gathers: the per-layer outputs the caller asked for, and the auxiliary losses every
+    layer reports (always, as they enter the training loss).
+
+    A local stand-in for transformers' `capture_outputs` / `_can_record_outputs` forward hooks, which do not fit:
+    our layers return `(streams, AttentionAux, RouterAux | None)` and hooks record a tuple item as it is, while we
+    return the [B, S, H] hidden state of a `plain` model (the streams of an hc/mhc one), the attention weights and
+    router logits held *inside* the aux records, and losses that must be gathered whatever was asked; the MTP
+    blocks are decoder layers too, and must not be recorded.
+    """
+
+    hidden_states: list[torch.Tensor | None] | None = None  # each layer's input, then the final normed hidden
+    attentions: list[torch.Tensor] | None = None
+    router_logits: list[torch.Tensor] | None = None
+    aux_losses: list[torch.Tensor] = field(default_factory=list)
+    indexer_losses: list[torch.Tensor] = field(default_factory=list)
+    indexer_recalls: list[torch.Tensor] = field(default_factory=list)
+    hidden_states_kept: set[int] | None = None  # the indices `output_hidden_states` selects; None: all
+
+    @classmethod
+    def requested(cls, num_layers: int, output_hidden_states: bool | int | list[int], output_attentions: bool,
+                  output_router_logits: bool):
+        """`output_hidden_states` is a flag or, as in transformers, the index (or indices, negative ones counted
+        from the end) of the hidden states to keep; the others are returned as None."""
+        selected = selected_hidden_states(output_hidden_states)
+        kept = None if selected is None else resolve_hidden_states_indices(None, selected, num_layers + 1)
+        return cls(hidden_states=[] if selected is not None or output_hidden_states else None,
+                   attentions=[] if output_attentions else None,
+                   router_logits=[] if output_router_logits else None, hidden_states_kept=kept)
+
+    def add_hidden_state(self, hidden: torch.Tensor):
+        """hidden [B, S, H], or the residual streams [B, S, n, H] of an hc/mhc model."""
+        if self.hidden_states is not None:
+            kept = self.hidden_states_kept is None or len(self.hidden_states) in self.hidden_states_kept
+            self.hidden_states.append(hidden if kept else None)
+
+    def add_layer_aux(self, attn_aux: AttentionAux, router_aux: RouterAux | None):
+        if self.attentions is not None:
+            self.attentions.append(attn_aux.weights)
+        if attn_aux.indexer_loss is not None:
+            self.indexer_losses.append(attn_aux.indexer_loss)
+        if attn_aux.indexer_recall is not None:
+            self.indexer_recalls.append(attn_aux.indexer_recall)
+        if router_aux is not None:
+            if self.router_logits is not None:
+                self.router_logits.append(router_aux.router_logits)
+            if router_aux.aux_loss is not None:
+                self.aux_losses.append(router_aux.aux_loss)
+
+    def reduced_losses(self) -> dict[str, torch.Tensor | None]:
+        """Balance losses add up over layers (each is already scaled by aux_loss_alpha); the indexer's KL and
+        recall are means over the DSA layers."""
+        return {
+            "aux_loss": torch.stack(self.aux_losses).sum() if self.aux_losses else None,
+            "indexer_loss": torch.stack(self.indexer_losses).mean() if self.indexer_losses else None,
+            "indexer_recall": torch.stack(self.indexer_recalls).mean() if self.indexer_recalls else None,
+        }
+
+
 class SeekV4DecoderLayer(GradientCheckpointingLayer):
     """hidden_states are the residual streams [B, S, n, H] (n = 1 for `plain`), see residual.py."""
 
@@ -110,8 +184,19 @@ class SeekV4DecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = build_ffn(config, self.ffn_kind)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                input_ids=None, engram_rows=None, engram_state=None, engram_mask=None, **kwargs):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        input_ids: torch.LongTensor | None = None,
+        engram_rows: torch.Tensor | None = None,
+        engram_state: EngramCacheLayer | None = None,
+        engram_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[SeekV4LayerKwargs],
+    ) -> tuple[torch.Tensor, AttentionAux, RouterAux | None]:
+        """-> (the new residual streams, what the attention reports, what the router reports (None for dense))."""
         streams = hidden_states
         if self.engram is not None:
             streams = self.engram(streams, engram_rows, engram_state, engram_mask)
@@ -345,17 +430,35 @@ class SeekV4Model(SeekV4PreTrainedModel):
                              f"max_position_embeddings={limit} the RoPE scaling is not defined; use a config with a "
                              "longer context.")
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                output_router_logits=None, output_mtp_hidden_states=False, **kwargs) -> SeekV4ModelOutput:
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+    @merge_with_config_defaults
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_mtp_hidden_states: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SeekV4ModelOutput:
+        r"""
+        attention_mask (`torch.Tensor`, *optional*): the 2-D padding mask [batch, cached + new tokens] (1 = token,
+            0 = padding), or for dense gqa/mla models a 4-D mask; see `_check_attention_mask`.
+        output_mtp_hidden_states (`bool`, defaults to `False`): also run the MTP modules and return their normed
+            hidden states, one per depth (the LM head's input for the MTP loss).
+
+        `output_attentions`, `output_hidden_states` and `output_router_logits` are taken from `kwargs`, defaulting
+        to the config's; other keyword arguments (the loss's `num_items_in_batch`, `shift_labels`) are ignored.
+        """
+        self._check_attention_kwargs(kwargs)
+        output_attentions, output_hidden_states, output_router_logits = self._requested_outputs(kwargs)
         if not use_cache:
             past_key_values = None
+        elif past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
         past_len = past_length(past_key_values)  # an int, read before any layer updates the cache
         self._check_inputs(input_ids, inputs_embeds, past_len, attention_mask, position_ids)
         if inputs_embeds is None:
@@ -377,61 +480,78 @@ class SeekV4Model(SeekV4PreTrainedModel):
             layer_kwargs["key_padding"] = attention_mask.bool()  # [B, T]: sparse kinds mask padding themselves
         if "v4" in self.config.attention_types:
             layer_kwargs["position_ids"] = position_ids  # v4 compressors pool windows of each sample's positions
-        engram_rows, engram_state, engram_ids = self._engram_prefetch(input_ids, attention_mask, past_key_values,
-                                                                      inputs_embeds.device)
-        if getattr(past_key_values, "offloading", False) and engram_cache(past_key_values) is not None:
-            # the Engram layer sits after the attention layers: the cache's circular prefetch after the last one
-            # lands on it and never wraps around to layer 0, which would then be read while offloaded
-            past_key_values.prefetch(0, past_key_values.only_non_sliding)
 
-        hidden = expand(inputs_embeds, self.config.hc_mult)  # residual streams [B, S, n, H]
-        all_hidden, all_attn, all_router, aux_losses, indexer_losses, recalls = [], [], [], [], [], []
+        engram = self._engram_prefetch(input_ids, attention_mask, past_key_values, inputs_embeds.device)
+        outputs = LayerOutputs.requested(len(self.layers), output_hidden_states, output_attentions,
+                                         output_router_logits)
+        streams = self._decoder_layers(
+            expand(inputs_embeds, self.config.hc_mult), rope, mask, past_key_values, input_ids, attention_mask,
+            engram, layer_kwargs, outputs,
+        )
+        mtp_hidden_states = None
+        if output_mtp_hidden_states and len(self.mtp):
+            mtp_hidden_states = self._mtp_forward(streams, input_ids, rope, mask, layer_kwargs)
+        hidden_states = self.norm(self.hc_head(streams))
+        outputs.add_hidden_state(hidden_states)
+
+        return SeekV4ModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=tuple(outputs.hidden_states) if outputs.hidden_states is not None else None,
+            attentions=tuple(outputs.attentions) if output_attentions else None,
+            router_logits=tuple(outputs.router_logits) if output_router_logits else None,
+            mtp_hidden_states=mtp_hidden_states,
+            **outputs.reduced_losses(),
+        )
+
+    def _check_attention_kwargs(self, kwargs):
+        """Packed-sequence (varlen) arguments are refused rather than ignored: every kind here attends causally over
+        the whole row, so documents packed into one row would see each other."""
+        packed = sorted(k for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+                        if kwargs.get(k) is not None)
+        if packed:
+            raise ValueError(f"SeekV4 does not support packed sequences ({', '.join(packed)} given): pad the batch "
+                             "and pass a 2-D `attention_mask` instead (e.g. a collator without flattening).")
+        if kwargs.get("is_causal") is False:
+            raise ValueError("SeekV4 is a causal decoder only: `is_causal=False` (bidirectional attention) is not "
+                             "supported.")
+
+    def _requested_outputs(self, kwargs) -> tuple[bool, bool | int | list[int], bool]:
+        """(output_attentions, output_hidden_states, output_router_logits), each from `kwargs` or else the config,
+        as transformers' `capture_outputs` reads them."""
+
+        def requested(name):
+            value = kwargs.get(name)
+            return getattr(self.config, name, False) if value is None else value
+
+        return (bool(requested("output_attentions")), requested("output_hidden_states"),
+                bool(requested("output_router_logits")))
+
+    def _decoder_layers(self, streams, rope, mask, past_key_values, input_ids, attention_mask, engram,
+                        layer_kwargs, outputs: LayerOutputs) -> torch.Tensor:
+        """Run every decoder layer on the residual streams [B, S, n, H], gathering into `outputs`; returns the
+        last layer's streams."""
+        engram_rows, engram_state, engram_ids = engram
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden.append(hidden.squeeze(2))  # [B, S, H] for `plain`, the streams otherwise
+            outputs.add_hidden_state(streams.squeeze(2))  # [B, S, H] for `plain`, the streams otherwise
             engram_kwargs = {}
             if layer.engram is not None:  # rows were requested up front; wait here, outside any checkpointing
                 engram_kwargs = dict(engram_rows=engram_rows[layer.layer_idx].wait(), engram_state=engram_state,
                                      engram_mask=attention_mask)
-            hidden, attn_aux, router_aux = layer(
-                hidden, position_embeddings=rope, attention_mask=mask, past_key_values=past_key_values,
+            streams, attn_aux, router_aux = layer(
+                streams, position_embeddings=rope, attention_mask=mask, past_key_values=past_key_values,
                 input_ids=input_ids, **engram_kwargs, **layer_kwargs,
             )
-            if output_attentions:
-                all_attn.append(attn_aux.weights)
-            if attn_aux.indexer_loss is not None:
-                indexer_losses.append(attn_aux.indexer_loss)
-            if attn_aux.indexer_recall is not None:
-                recalls.append(attn_aux.indexer_recall)
-            if router_aux is not None:
-                if output_router_logits:
-                    all_router.append(router_aux.router_logits)
-                if router_aux.aux_loss is not None:
-                    aux_losses.append(router_aux.aux_loss)
+            outputs.add_layer_aux(attn_aux, router_aux)
         if engram_ids is not None:
             EngramMemory.remember(past_key_values, engram_ids, engram_state)
-        mtp_hidden = None
-        if output_mtp_hidden_states and len(self.mtp):
-            mtp_kwargs = {k: v for k, v in layer_kwargs.items() if k != "output_attentions"}
-            mtp_hidden = self._mtp_forward(hidden, input_ids, rope, mask, mtp_kwargs)
-        hidden = self.norm(self.hc_head(hidden))
-        if output_hidden_states:
-            all_hidden.append(hidden)
-        return SeekV4ModelOutput(
-            last_hidden_state=hidden,
-            past_key_values=past_key_values,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attn) if output_attentions else None,
-            router_logits=tuple(all_router) if output_router_logits else None,
-            aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
-            indexer_loss=torch.stack(indexer_losses).mean() if indexer_losses else None,
-            indexer_recall=torch.stack(recalls).mean() if recalls else None,
-            mtp_hidden_states=mtp_hidden,
-        )
+        return streams
 
     def _engram_prefetch(self, input_ids, attention_mask, past_key_values, device):
-        """Hash every Engram layer's rows for the whole forward and start fetching them (spec §6.5) onto `device`,
-        the embeddings' (not read from a weight, which an offload hook may keep on the meta device)."""
+        """Hash every Engram layer's rows for the whole forward and start fetching them onto `device`, the
+        embeddings' (not read from a weight, which an offload hook may keep on the meta device).
+        -> (pending rows per Engram layer, the cache's Engram state, the compressed ids to remember), all None
+        without Engram layers."""
         if self.engram is None:
             return None, None, None
         if input_ids is None:
@@ -443,13 +563,19 @@ class SeekV4Model(SeekV4PreTrainedModel):
         ids_c = self.engram.compress(input_ids, attention_mask)
         indices = self.engram.indices(ids_c, state.ids if state is not None else None)
         rows = {i: self.layers[i].engram.table.prefetch(idx, device) for i, idx in indices.items()}
+        if getattr(past_key_values, "offloading", False) and engram_cache(past_key_values) is not None:
+            # the Engram layer sits after the attention layers: the cache's circular prefetch after the last one
+            # lands on it and never wraps around to layer 0, which would then be read while offloaded
+            past_key_values.prefetch(0, past_key_values.only_non_sliding)
         return rows, state, ids_c
 
-    def _mtp_forward(self, streams, input_ids, rope, mask, block_kwargs) -> tuple[torch.Tensor, ...]:
+    def _mtp_forward(self, streams, input_ids, rope, mask, layer_kwargs) -> tuple[torch.Tensor, ...]:
         """Module k sees the embedding of token t+k (ids shifted left by k; the tail is padding whose
-        predictions the loss ignores)."""
+        predictions the loss ignores). Its block gets the main layers' kwargs, less `output_attentions` (MTP
+        attentions are not returned)."""
         if input_ids is None:
             raise ValueError("MTP needs `input_ids` (it embeds the following tokens).")
+        block_kwargs = {k: v for k, v in layer_kwargs.items() if k != "output_attentions"}
         outs = []
         for k, module in enumerate(self.mtp, start=1):
             next_ids = shift_left(input_ids, k, self.config.pad_token_id or 0)
@@ -504,9 +630,20 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
     def step_engram_tables(self, lr: float):
         return self.model.step_engram_tables(lr)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, output_attentions=None,
-                output_hidden_states=None, output_router_logits=None, return_dict=None, **kwargs):
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SeekV4CausalLMOutput:
         r"""
         labels (`torch.LongTensor` [batch, seq_len], *optional*): targets, unshifted (position t predicts
             labels[t + 1]); -100 is ignored. `shift_labels` (already shifted, as padding-free collators pass) and
@@ -528,35 +665,51 @@ class SeekV4ForCausalLM(SeekV4PreTrainedModel, GenerationMixin):
 
         `loss` = lm_loss + aux_loss + indexer_loss_weight * indexer_loss + mtp_loss_weight * mtp_loss.
         """
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits,
+        outputs: SeekV4ModelOutput = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
             output_mtp_hidden_states=labels is not None and self.config.num_nextn_predict_layers > 0,
+            return_dict=True,  # read by field below, whatever the caller (or config.return_dict) asks of us
+            **kwargs,
         )
-        hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-        else:
-            hidden = hidden[:, logits_to_keep]
-        logits = self.lm_head(hidden)
+
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
         loss = lm_loss = mtp_loss = None
-        if out.mtp_hidden_states is not None:
-            mtp_loss = self._mtp_loss(out.mtp_hidden_states, labels, **kwargs)
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = lm_loss + out.aux_loss if out.aux_loss is not None else lm_loss
-            if out.indexer_loss is not None:
-                loss = loss + self.config.indexer_loss_weight * out.indexer_loss
-            if mtp_loss is not None:
-                loss = loss + self.config.mtp_loss_weight * mtp_loss
-        result = SeekV4CausalLMOutput(
-            loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, indexer_loss=out.indexer_loss, mtp_loss=mtp_loss,
-            indexer_recall=out.indexer_recall, logits=logits, past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
+            if outputs.mtp_hidden_states is not None:
+                mtp_loss = self._mtp_loss(outputs.mtp_hidden_states, labels, **kwargs)
+            loss = self._total_loss(lm_loss, outputs.aux_loss, outputs.indexer_loss, mtp_loss)
+
+        return SeekV4CausalLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=outputs.aux_loss,
+            indexer_loss=outputs.indexer_loss,
+            indexer_recall=outputs.indexer_recall,
+            mtp_loss=mtp_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
         )
-        return result.to_tuple() if return_dict is False else result
+
+    def _total_loss(self, lm_loss, aux_loss, indexer_loss, mtp_loss) -> torch.Tensor:
+        """lm_loss + aux_loss + indexer_loss_weight * indexer_loss + mtp_loss_weight * mtp_loss, over the terms
+        that are enabled."""
+        loss = lm_loss + aux_loss if aux_loss is not None else lm_loss
+        if indexer_loss is not None:
+            loss = loss + self.config.indexer_loss_weight * indexer_loss
+        if mtp_loss is not None:
+            loss = loss + self.config.mtp_loss_weight * mtp_loss
+        return loss
 
     def _mtp_loss(self, mtp_hidden_states, labels, num_items_in_batch=None, shift_labels=None, ignore_index=-100,
                   **kwargs) -> torch.Tensor:
