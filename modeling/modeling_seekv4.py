@@ -1,7 +1,7 @@
 """Composition only: decoder layer, PreTrainedModel, SeekV4Model and SeekV4ForCausalLM.
 
 Each layer takes its attention and FFN implementation from the config's per-layer schedules; the
-layer itself only knows their interfaces (see ARCHITECTURE.md).
+layer itself only knows their interfaces (docs/architecture.md).
 """
 from __future__ import annotations
 
