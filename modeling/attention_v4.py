@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from .attention_common import AttentionAux, past_length
 from .compressor import Compressor, CompressorState
-from .dsa import kl_to_indexer
+from .sparsity import kl_to_indexer
 from .fp8 import fp8_round_head
 from .indexer import head_weights, index_scores, select_topk
 from .linear_weight import grouped_linear
