@@ -155,3 +155,122 @@ def _scatter_dense(probs: torch.Tensor, idx: torch.Tensor, num_keys: int) -> tor
 def build_selector(config, layer_idx: int, indexer: LightningIndexer | None) -> DenseSelector:
     """The selector of a `gqa` / `mla` layer: `dsa` with its indexer, else dense."""
     return DSASelector(indexer, config, layer_idx) if indexer is not None else DenseSelector()
+
+
+# DeepSeek-V4 (`sliding`, `csa`, `hca`): every query sees the last `window` rows of the K=V buffer; compressed
+# layers add entries of their compressor. Queries attend in chunks, so a selector returns a `WindowKeys` (the call's
+# key set) whose `rows(rows)` gives each chunk's Selection: memory stays O(chunk · (window + k)).
+
+
+@dataclass
+class WindowKeys:
+    """`sliding`: one call's key set, the K=V window buffer [up to window - 1 past rows, then the S new ones]."""
+
+    keys: torch.Tensor  # [B, P + S (+ N), D]: window rows, then (compressed layers) N compressed entries
+    padding: torch.Tensor  # [B, P + S] True = real token
+    window: int
+    query_count: int  # S: the queries are the last S window rows
+
+    @property
+    def num_window(self) -> int:
+        return self.padding.shape[1]
+
+    @property
+    def num_compressed(self) -> int:
+        return self.keys.shape[1] - self.num_window
+
+    def rows(self, rows: torch.Tensor) -> Selection:
+        """rows [Lc]: query indices of one chunk -> idx [B, Lc, window] into `keys` (-1 = before the start or padding)."""
+        b = self.padding.shape[0]
+        local = torch.arange(self.window, device=rows.device)
+        idx = (self.num_window - self.query_count + rows)[:, None] - (self.window - 1) + local  # [Lc, W]
+        ok = (idx >= 0) & self.padding.gather(1, idx.clamp(min=0).flatten()[None].expand(b, -1)).view(b, *idx.shape)
+        return Selection(idx=torch.where(ok, idx, -1))  # [B, Lc, W]
+
+
+@dataclass
+class HCAKeys(WindowKeys):
+    """`hca`: the window + every complete compressed entry, attended densely (one matmul per chunk)."""
+
+    limit: torch.Tensor | None = None  # [B, S] entries i < limit are complete for each query: ⌊(t+1)/m⌋
+
+    def rows(self, rows: torch.Tensor) -> Selection:
+        selection = super().rows(rows)
+        entries = self.keys[:, self.num_window:]
+        visible = torch.arange(entries.shape[1], device=rows.device) < self.limit[:, rows, None]  # [B, Lc, N]
+        selection.dense = (entries, visible)
+        return selection
+
+
+@dataclass
+class CSAKeys(WindowKeys):
+    """`csa`: the window + the top-k compressed entries the indexer picks for each query."""
+
+    limit: torch.Tensor | None = None  # [B, S] entries i < limit are complete for each query
+    indexer: object = None  # V4Indexer (its `select` reads the top-k)
+    index_q: torch.Tensor | None = None  # [B, S, Hi, D]
+    index_w: torch.Tensor | None = None  # [B, S, Hi]
+    index_keys: torch.Tensor | None = None  # [B, N, D] compressed index entries
+    wants_loss: bool = False
+
+    def rows(self, rows: torch.Tensor) -> Selection:
+        selection = super().rows(rows)
+        q, w = self.index_q[:, rows], self.index_w[:, rows]
+        chosen = self.indexer.select(q, w, self.index_keys, self.limit[:, rows])  # [B, Lc, k] into the entries
+        selection.idx = torch.cat((selection.idx, torch.where(chosen >= 0, chosen + self.num_window, -1)), dim=-1)
+        if self.wants_loss:  # no entry before the first window completes (S < ratio): no KL term for that query
+            real = self.padding[:, self.num_window - self.query_count:][:, rows]
+            selection.indexer = IndexerPicks(q, w, self.index_keys, chosen, real & (chosen >= 0).any(-1))
+            selection.wants_loss = selection.return_probs = True
+        return selection
+
+
+class SlidingSelector:
+    """`sliding`: the last `window` tokens, the query itself included."""
+
+    def __init__(self, window: int):
+        self.window = window
+
+    def __call__(self, hidden: torch.Tensor, q_latent: torch.Tensor, window_kv: torch.Tensor, padding: torch.Tensor,
+                 position_ids: torch.Tensor, rope, states: dict) -> WindowKeys:
+        """window_kv [B, P + S, D] (past rows then new), padding [B, P + S], position_ids [B, S], rope: (cos, sin)
+        [B, S, d/2] of the queries and the RoPE module of compressed entries, states: compressor states."""
+        return WindowKeys(window_kv, padding, self.window, hidden.shape[1])
+
+
+class HCASelector(SlidingSelector):
+    """`hca`: the window + every complete entry of a non-overlapping compressor (ratio m = 128 at full size)."""
+
+    def __init__(self, window: int, compressor, ratio: int):
+        super().__init__(window)
+        self.compressor, self.ratio = compressor, ratio
+
+    def _entries(self, hidden, window_kv, padding, position_ids, rope, states):
+        real = padding[:, -hidden.shape[1]:]
+        entries = self.compressor(hidden, position_ids, real, states["kv"], rope[2]).entries  # [B, N, D]
+        limit = (position_ids + 1) // self.ratio  # entries i < ⌊(t+1)/m⌋ are complete
+        return torch.cat((window_kv, entries), dim=1), real, limit
+
+    def __call__(self, hidden, q_latent, window_kv, padding, position_ids, rope, states) -> HCAKeys:
+        keys, _, limit = self._entries(hidden, window_kv, padding, position_ids, rope, states)
+        return HCAKeys(keys, padding, self.window, hidden.shape[1], limit=limit)
+
+
+class CSASelector(HCASelector):
+    """`csa`: the window + the top-k entries (overlapping compressor, m = 4) a lightning indexer picks; the indexer
+    scores its own compressed index entries."""
+
+    def __init__(self, window: int, compressor, ratio: int, indexer, config):
+        super().__init__(window, compressor, ratio)
+        self.indexer, self.config = indexer, config
+
+    def __call__(self, hidden, q_latent, window_kv, padding, position_ids, rope, states) -> CSAKeys:
+        keys, real, limit = self._entries(hidden, window_kv, padding, position_ids, rope, states)
+        cos, sin, rotary = rope
+        # detached: the indexer learns only from its own loss
+        hidden, q_latent = hidden.detach(), q_latent.detach()
+        index_keys = self.indexer.compressor(hidden, position_ids, real, states["index"], rotary).entries
+        q, w = self.indexer.queries(hidden, q_latent, cos, sin)
+        wants_loss = self.indexer.training and self.config.indexer_loss_weight > 0
+        return CSAKeys(keys, padding, self.window, hidden.shape[1], limit=limit, indexer=self.indexer,
+                       index_q=q, index_w=w, index_keys=index_keys, wants_loss=wants_loss)
