@@ -29,7 +29,7 @@ from .fp8 import fp8_round_head
 from .indexer import head_weights, select_topk
 from .linear_weight import grouped_linear
 from .norm import RMSNorm
-from .rope import RotaryEmbedding, apply_rope_tail
+from .rope import apply_rope_tail
 from .sparse_attention import query_chunk, sparse_attention
 from .sparsity import CSASelector, HCASelector, SlidingSelector, indexer_kl
 
@@ -159,8 +159,7 @@ class V4Attention(nn.Module):
         self.o_b_proj = nn.Linear(self.o_groups * self.o_lora_rank, h, bias=False)
         self.sinks = nn.Parameter(torch.zeros(self.num_heads))
         compressed = self.sparsity != "sliding"
-        rope = config.compress_rope_parameters if compressed else config.rope_parameters
-        self.rotary = RotaryEmbedding(rope, config.qk_rope_head_dim)
+        self.rope_key = "v4_compress" if compressed else "v4"  # its tables in the model's position embeddings
         self.ratio = {"csa": config.csa_compress_ratio, "hca": config.hca_compress_ratio}.get(self.sparsity)
         self.fp8_block = config.kv_cache_fp8_block if config.kv_cache_dtype == "fp8_e4m3" else None
         self.compressor = (Compressor(h, self.head_dim, self.ratio, overlap=self.sparsity == "csa", eps=eps,
@@ -182,7 +181,7 @@ class V4Attention(nn.Module):
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         states = layer.states if layer is not None else {}
         if "kv" not in states:
-            states["kv"] = self.compressor.new_state(batch, dtype, device, rope_dim=self.rotary.dim,
+            states["kv"] = self.compressor.new_state(batch, dtype, device, rope_dim=self.config.qk_rope_head_dim,
                                                      cached=layer is not None)
             if self.indexer is not None:
                 states["index"] = self.indexer.compressor.new_state(batch, dtype, device)
@@ -195,8 +194,11 @@ class V4Attention(nn.Module):
         past_len = past_length(past_key_values, self.layer_idx)  # before this layer's update
         if position_ids is None:
             position_ids = (torch.arange(s, device=hidden_states.device) + past_len)[None]
-        position_ids = position_ids.expand(b, s)
-        cos, sin = self.rotary(position_ids, hidden_states.dtype)
+        position_ids = position_ids.expand(b, s)  # the compressors pool windows of each sample's positions
+        if self.rope_key not in position_embeddings:
+            raise ValueError(f"V4Attention (layer {self.layer_idx}) reads its RoPE from position_embeddings"
+                             f"['{self.rope_key}']: pass SeekV4Model.position_embeddings(position_ids, dtype).")
+        cos, sin = position_embeddings[self.rope_key]  # [B or 1, S, dr/2]
         q_latent = self.q_a_norm(self.q_a_proj(hidden_states))
         q = self.q_b_proj(q_latent).view(b, s, self.num_heads, self.head_dim)
         q = q * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps).to(q.dtype)
@@ -211,8 +213,8 @@ class V4Attention(nn.Module):
 
         states = (self._states(past_key_values, b, hidden_states.dtype, hidden_states.device)
                   if self.compressor is not None else {})
-        key_set = self.selector(hidden_states, q_latent, window_kv, padding, position_ids, (cos, sin, self.rotary),
-                                states)
+        rope = (cos, sin, position_embeddings.get("v4_compress_table"))  # compressed entries: the table itself
+        key_set = self.selector(hidden_states, q_latent, window_kv, padding, position_ids, rope, states)
         out, kl_sum, kl_count = [], 0.0, 0
         step = query_chunk(s, 4 * (self.window + key_set.num_compressed) * 4)
         for start in range(0, s, step):

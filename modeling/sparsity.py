@@ -180,7 +180,7 @@ class WindowKeys:
         return self.keys.shape[1] - self.num_window
 
     def rows(self, rows: torch.Tensor) -> Selection:
-        """rows [Lc]: query indices of one chunk -> idx [B, Lc, window] into `keys` (-1 = before the start or padding)."""
+        """rows [Lc]: one chunk's query indices -> idx [B, Lc, window] into `keys`, -1 = none."""
         b = self.padding.shape[0]
         local = torch.arange(self.window, device=rows.device)
         idx = (self.num_window - self.query_count + rows)[:, None] - (self.window - 1) + local  # [Lc, W]
@@ -233,8 +233,9 @@ class SlidingSelector:
 
     def __call__(self, hidden: torch.Tensor, q_latent: torch.Tensor, window_kv: torch.Tensor, padding: torch.Tensor,
                  position_ids: torch.Tensor, rope, states: dict) -> WindowKeys:
-        """window_kv [B, P + S, D] (past rows then new), padding [B, P + S], position_ids [B, S], rope: (cos, sin)
-        [B, S, d/2] of the queries and the RoPE module of compressed entries, states: compressor states."""
+        """window_kv [B, P + S, D] (past rows then new), padding [B, P + S], position_ids [B, S], rope: the queries'
+        (cos, sin) [B or 1, S, dr/2] and the RotaryEmbedding compressed entries are rotated with (entry i to
+        position i·m), states: the layer's compressor states (cache or per call)."""
         return WindowKeys(window_kv, padding, self.window, hidden.shape[1])
 
 
