@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .attention_common import AttentionAux
 from .cache_append import cache_update_indexer
@@ -207,7 +208,7 @@ class CSAKeys(WindowKeys):
     """`csa`: the window + the top-k compressed entries the indexer picks for each query."""
 
     limit: torch.Tensor | None = None  # [B, S] entries i < limit are complete for each query
-    indexer: object = None  # V4Indexer (its `select` reads the top-k)
+    indexer: nn.Module | None = None  # the layer's V4Indexer (its `select` reads the top-k)
     index_q: torch.Tensor | None = None  # [B, S, Hi, D]
     index_w: torch.Tensor | None = None  # [B, S, Hi]
     index_keys: torch.Tensor | None = None  # [B, N, D] compressed index entries
