@@ -195,9 +195,10 @@ class V4Attention(nn.Module):
         if position_ids is None:
             position_ids = (torch.arange(s, device=hidden_states.device) + past_len)[None]
         position_ids = position_ids.expand(b, s)  # the compressors pool windows of each sample's positions
-        if self.rope_key not in position_embeddings:
-            raise ValueError(f"V4Attention (layer {self.layer_idx}) reads its RoPE from position_embeddings"
-                             f"['{self.rope_key}']: pass SeekV4Model.position_embeddings(position_ids, dtype).")
+        needed = [self.rope_key] + (["v4_compress_table"] if self.compressor is not None else [])
+        if missing := [key for key in needed if key not in position_embeddings]:
+            raise ValueError(f"V4Attention (layer {self.layer_idx}) reads its RoPE from position_embeddings{missing}: "
+                             "pass SeekV4Model.position_embeddings(position_ids, dtype).")
         cos, sin = position_embeddings[self.rope_key]  # [B or 1, S, dr/2]
         q_latent = self.q_a_norm(self.q_a_proj(hidden_states))
         q = self.q_b_proj(q_latent).view(b, s, self.num_heads, self.head_dim)

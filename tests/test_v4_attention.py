@@ -270,3 +270,16 @@ def test_fp8_v4_cache_decoding_matches_full_forward():
         assert state.length == 41 // ratio and state.store.shape[1] >= state.length  # spare capacity for appends
         assert state.store.shape[::2] == (2, (d - rope) + 4 * (d - rope) // 8 + 4 * rope)
         assert state.entries.shape == (2, 41 // ratio, d) and state.entries.dtype == torch.float32
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])  # sliding, csa, hca
+def test_layer_without_the_models_rope_tables_is_a_clear_error(layer):
+    model = make()
+    attn, x = model.model.layers[layer].self_attn, torch.randn(1, 8, 64)
+    with pytest.raises(ValueError, match=r"position_embeddings\[.*SeekV4Model.position_embeddings"):
+        attn(x, {}, None)
+    if layer:  # compressed layers also need the table their compressors rotate entries with
+        rope = rope_of(model, 8)
+        del rope["v4_compress_table"]
+        with pytest.raises(ValueError, match=r"v4_compress_table"):
+            attn(x, rope, None)
