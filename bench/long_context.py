@@ -70,7 +70,7 @@ SHAPES = {
                  v_head_dim=64, index_n_heads=2, index_head_dim=64),
 }
 DSA_FILES = ("modeling/indexer.py", "modeling/indexer_kernel.py", "modeling/indexer_topk.c",
-             "modeling/sparse_attention.py", "modeling/attention_mla.py", "modeling/dsa.py")
+             "modeling/sparse_attention.py", "modeling/attention_mla.py", "modeling/sparsity.py")
 TIMERS = common.Timers()
 
 

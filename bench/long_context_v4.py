@@ -76,7 +76,7 @@ PORT_CONFIG = dict(  # the transformers twin of the preset (see tests/test_parit
 )
 V4_FILES = ("modeling/attention_v4.py", "modeling/compressor.py", "modeling/indexer.py", "modeling/indexer_kernel.py",
             "modeling/indexer_topk.c", "modeling/sparse_attention.py", "modeling/residual.py", "modeling/moe.py",
-            "modeling/modeling_seekv4.py")
+            "modeling/modeling_seekv4.py", "modeling/sparsity.py")
 TIMERS = common.Timers()
 DECODE_PARTS = ("select", "kernel", "compress_kv", "compress_index", "attn")
 

@@ -12,7 +12,7 @@ Per token the cache holds only the normalised KV latent c_kv [r] and the shared 
 The cheaper path is chosen per call from the FLOP counts (see `_use_absorbed`).
 
 With DeepSeek Sparse Attention (`attention_sparsity[i] == "dsa"`, V3.2) the layer runs in the absorbed
-(MQA) form over only the top-k latent entries its lightning indexer selects (see `dsa.py`).
+(MQA) form over only the top-k latent entries its lightning indexer selects (see `sparsity.py`).
 """
 from __future__ import annotations
 
@@ -22,15 +22,16 @@ from torch import nn
 
 from .attention_common import AttentionAux, apply_mask, attention_kernel, causal_bool_mask, past_length
 from .cache_append import cache_update
-from .dsa import DSAMixin
 from .fp8 import pack_fp8, packed_bytes, reinterpret, unpack_fp8
+from .indexer import LightningIndexer
 from .linear_weight import effective_weight, plain_linear
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
 from .sparse_attention import query_chunk, sparse_attention
+from .sparsity import build_selector
 
 
-class MLAAttention(DSAMixin, nn.Module):
+class MLAAttention(nn.Module):
     kind = "mla"
 
     def __init__(self, config, layer_idx: int):
@@ -54,14 +55,17 @@ class MLAAttention(DSAMixin, nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=bias)
-        self.init_dsa(config, layer_idx, q_input_dim=self.q_lora_rank or h)
+        # the indexer reads the query latent c^Q; it stays registered here (`self_attn.indexer.*`)
+        dsa = config.attention_sparsity[layer_idx] == "dsa"
+        self.indexer = LightningIndexer(config, self.q_lora_rank or h) if dsa else None
+        self.selector = build_selector(config, layer_idx, self.indexer)
 
     @staticmethod
     def rope_dim(config) -> int:
         return config.qk_rope_head_dim
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, key_padding=None,
-                **kwargs):
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: dict, attention_mask, past_key_values=None,
+                key_padding: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, AttentionAux]:
         b, s, _ = hidden_states.shape
         if self.q_lora_rank is None:
             q_latent = hidden_states
@@ -82,21 +86,17 @@ class MLAAttention(DSAMixin, nn.Module):
             c_kv, k_rope = self._fp8_cache(c_kv, k_rope, past_key_values)
         elif past_key_values is not None:
             c_kv, k_rope = cache_update(past_key_values, self.layer_idx, c_kv, k_rope)  # [B, 1, T, r], [B, 1, T, dr]
-        if self.indexer is not None:
-            selection = self.dsa_select(hidden_states, q_latent, position_embeddings["indexer"], past_key_values,
-                                        past_len, key_padding)
-            if self.config.dsa_mode == "sparse":
-                out, probs = self._sparse(q_nope, q_rope, c_kv, k_rope, selection.idx,
-                                          return_probs=selection.wants_loss or bool(kwargs.get("output_attentions")))
-            else:  # dense warm-up: full attention, whose probabilities the indexer learns to predict
-                out, probs = self._absorbed(q_nope, q_rope, c_kv, k_rope, attention_mask)
-            aux = self.dsa_aux(selection, probs)
-            return self.o_proj(out.reshape(b, s, -1)), aux
-        if self._use_absorbed(s, c_kv.shape[2], attention_mask):
+        selection = self.selector(hidden_states, q_latent, position_embeddings.get("indexer"), past_key_values,
+                                  past_len, key_padding)
+        if selection.idx is not None:  # absorbed (MQA) attention over the selected latent entries only
+            out, weights = self._sparse(q_nope, q_rope, c_kv, k_rope, selection.idx,
+                                        return_probs=selection.return_probs or bool(kwargs.get("output_attentions")))
+        # dense warm-up needs the full probabilities, which the indexer learns: absorbed path
+        elif selection.return_probs or self._use_absorbed(s, c_kv.shape[2], attention_mask):
             out, weights = self._absorbed(q_nope, q_rope, c_kv, k_rope, attention_mask)
         else:
             out, weights = self._expanded(q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs)
-        return self.o_proj(out.reshape(b, s, -1)), AttentionAux(weights=weights)
+        return self.o_proj(out.reshape(b, s, -1)), self.selector.aux(selection, weights, self.training)
 
     def _fp8_cache(self, c_kv, k_rope, past_key_values):
         """Cache one byte record per token, [e4m3 latent | float32 scales | RoPE key in the model dtype] (FlashMLA's

@@ -11,9 +11,10 @@ Key set of the query at position t:
 Attention runs on those keys only (gather kernel, queries in chunks): memory O(S·(window + k)).
 Compressed layers use their own RoPE (`compress_rope_parameters`, θ = 160000 + YaRN at full size).
 
-CSA indexer training (spec Q1: V4's objective is not published): the V3.2 sparse-stage recipe carried over to
-compressed entries. While training with `indexer_loss_weight > 0`, KL(p || softmax(I)) over the selected
-entries, p = the main attention's mass on each selected entry summed over heads and L1-normalised; the
+The key sets are built by the layer's selector (`sparsity.py`: `SlidingSelector`, `HCASelector`, `CSASelector`).
+CSA indexer training (V4's objective is not published): the V3.2 sparse-stage recipe carried over to
+compressed entries (`sparsity.indexer_kl`). While training with `indexer_loss_weight > 0`, KL(p || softmax(I)) over
+the selected entries, p = the main attention's mass on each selected entry summed over heads and L1-normalised; the
 indexer's inputs are detached so it learns only from this loss. Unverified against DeepSeek's recipe.
 """
 from __future__ import annotations
@@ -24,13 +25,13 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from .attention_common import AttentionAux, past_length
 from .compressor import Compressor, CompressorState
-from .dsa import kl_to_indexer
 from .fp8 import fp8_round_head
-from .indexer import head_weights, index_scores, select_topk
+from .indexer import head_weights, select_topk
 from .linear_weight import grouped_linear
 from .norm import RMSNorm
-from .rope import RotaryEmbedding, apply_rope_tail
+from .rope import apply_rope_tail
 from .sparse_attention import query_chunk, sparse_attention
+from .sparsity import CSASelector, HCASelector, SlidingSelector, indexer_kl
 
 
 class V4CacheLayer(DynamicLayer):
@@ -158,13 +159,19 @@ class V4Attention(nn.Module):
         self.o_b_proj = nn.Linear(self.o_groups * self.o_lora_rank, h, bias=False)
         self.sinks = nn.Parameter(torch.zeros(self.num_heads))
         compressed = self.sparsity != "sliding"
-        rope = config.compress_rope_parameters if compressed else config.rope_parameters
-        self.rotary = RotaryEmbedding(rope, config.qk_rope_head_dim)
+        self.rope_key = "v4_compress" if compressed else "v4"  # its tables in the model's position embeddings
         self.ratio = {"csa": config.csa_compress_ratio, "hca": config.hca_compress_ratio}.get(self.sparsity)
         self.fp8_block = config.kv_cache_fp8_block if config.kv_cache_dtype == "fp8_e4m3" else None
         self.compressor = (Compressor(h, self.head_dim, self.ratio, overlap=self.sparsity == "csa", eps=eps,
                                       fp8_block=self.fp8_block) if compressed else None)
         self.indexer = V4Indexer(config) if self.sparsity == "csa" else None
+        # the compressors and the indexer stay registered here (`self_attn.compressor.*`, `self_attn.indexer.*`)
+        if self.sparsity == "csa":
+            self.selector = CSASelector(self.window, self.compressor, self.ratio, self.indexer, config)
+        elif self.sparsity == "hca":
+            self.selector = HCASelector(self.window, self.compressor, self.ratio)
+        else:
+            self.selector = SlidingSelector(self.window)
 
     @staticmethod
     def rope_dim(config) -> int:
@@ -174,20 +181,25 @@ class V4Attention(nn.Module):
         layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         states = layer.states if layer is not None else {}
         if "kv" not in states:
-            states["kv"] = self.compressor.new_state(batch, dtype, device, rope_dim=self.rotary.dim,
+            states["kv"] = self.compressor.new_state(batch, dtype, device, rope_dim=self.config.qk_rope_head_dim,
                                                      cached=layer is not None)
             if self.indexer is not None:
                 states["index"] = self.indexer.compressor.new_state(batch, dtype, device)
         return states
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, key_padding=None,
-                position_ids=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: dict, attention_mask, past_key_values=None,
+                key_padding: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                **kwargs) -> tuple[torch.Tensor, AttentionAux]:
         b, s, _ = hidden_states.shape
         past_len = past_length(past_key_values, self.layer_idx)  # before this layer's update
         if position_ids is None:
             position_ids = (torch.arange(s, device=hidden_states.device) + past_len)[None]
-        position_ids = position_ids.expand(b, s)
-        cos, sin = self.rotary(position_ids, hidden_states.dtype)
+        position_ids = position_ids.expand(b, s)  # the compressors pool windows of each sample's positions
+        needed = [self.rope_key] + (["v4_compress_table"] if self.compressor is not None else [])
+        if missing := [key for key in needed if key not in position_embeddings]:
+            raise ValueError(f"V4Attention (layer {self.layer_idx}) reads its RoPE from position_embeddings{missing}: "
+                             "pass SeekV4Model.position_embeddings(position_ids, dtype).")
+        cos, sin = position_embeddings[self.rope_key]  # [B or 1, S, dr/2]
         q_latent = self.q_a_norm(self.q_a_proj(hidden_states))
         q = self.q_b_proj(q_latent).view(b, s, self.num_heads, self.head_dim)
         q = q * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps).to(q.dtype)
@@ -197,50 +209,26 @@ class V4Attention(nn.Module):
         if past_key_values is not None:
             kv, _ = past_key_values.update(kv, kv, self.layer_idx, sliding_window=self.window)
         window_kv = kv[:, 0]  # [B, P + S, D]: up to window-1 past rows, then the new ones
-        n_window = window_kv.shape[1]
-        padding = (key_padding[:, -n_window:] if key_padding is not None
-                   else torch.ones(b, n_window, dtype=torch.bool, device=kv.device))
-        real = padding[:, -s:]
+        padding = (key_padding[:, -window_kv.shape[1]:] if key_padding is not None
+                   else torch.ones(b, window_kv.shape[1], dtype=torch.bool, device=kv.device))
 
-        keys, entries, index_keys = window_kv, None, None
-        if self.compressor is not None:
-            states = self._states(past_key_values, b, hidden_states.dtype, hidden_states.device)
-            entries = self.compressor(hidden_states, position_ids, real, states["kv"], self.rotary).entries
-            keys = torch.cat((window_kv, entries), dim=1)
-            if self.indexer is not None:  # detached: the indexer learns only from its own loss
-                index_keys = self.indexer.compressor(hidden_states.detach(), position_ids, real, states["index"],
-                                                     self.rotary).entries
-                iq, iw = self.indexer.queries(hidden_states.detach(), q_latent.detach(), cos, sin)
-        wants_loss = self.indexer is not None and self.training and self.config.indexer_loss_weight > 0
-        kl_sum, kl_count = 0.0, 0
-
-        out = []
-        step = query_chunk(s, 4 * (self.window + (entries.shape[1] if entries is not None else 0)) * 4)
-        local = torch.arange(self.window, device=kv.device)
+        states = (self._states(past_key_values, b, hidden_states.dtype, hidden_states.device)
+                  if self.compressor is not None else {})
+        rope = (cos, sin, position_embeddings.get("v4_compress_table"))  # compressed entries: the table itself
+        key_set = self.selector(hidden_states, q_latent, window_kv, padding, position_ids, rope, states)
+        out, kl_sum, kl_count = [], 0.0, 0
+        step = query_chunk(s, 4 * (self.window + key_set.num_compressed) * 4)
         for start in range(0, s, step):
             rows = torch.arange(start, min(start + step, s), device=kv.device)
-            cache_rows = n_window - s + rows  # index of each query in the window buffer
-            idx = cache_rows[:, None] - (self.window - 1) + local  # [Lc, W]
-            ok = (idx >= 0) & padding.gather(1, idx.clamp(min=0).flatten()[None].expand(b, -1)).view(b, *idx.shape)
-            idx = torch.where(ok, idx, -1)  # [B, Lc, W]
-            dense = None
-            if entries is not None:
-                limit = (position_ids[:, rows] + 1) // self.ratio  # entries i < ⌊(t+1)/m⌋ are complete
-                if self.indexer is None:  # HCA: every visible entry, by matmul rather than a gather per query
-                    dense = (entries, torch.arange(entries.shape[1], device=kv.device) < limit[..., None])
-                else:
-                    chosen = self.indexer.select(iq[:, rows], iw[:, rows], index_keys, limit)
-                    idx = torch.cat((idx, torch.where(chosen >= 0, chosen + n_window, -1)), dim=-1)
-            o, probs = sparse_attention([q[:, rows, None]], [keys], 0, idx, self.scaling, sink=self.sinks,
-                                        return_probs=wants_loss, dense=dense)
+            selection = key_set.rows(rows)  # idx [B, Lc, W (+ k)] into key_set.keys, HCA: + a dense block
+            o, probs = sparse_attention([q[:, rows, None]], [key_set.keys], 0, selection.idx, self.scaling,
+                                        sink=self.sinks, return_probs=selection.return_probs, dense=selection.dense)
             out.append(o[:, :, 0])  # [B, Lc, H, D]
-            if wants_loss:
-                has_entries = real[:, rows] & (chosen >= 0).any(-1)
-                count = int(has_entries.sum())
+            if selection.wants_loss:
+                count = int(selection.indexer.query_valid.sum())
                 if count:  # none before the first window completes (S < csa_compress_ratio): no KL term
-                    target = probs[:, :, 0, :, self.window:].detach().sum(2)  # mass on the chosen entries [B, Lc, k]
-                    logits = index_scores(iq[:, rows], iw[:, rows], index_keys, chosen)
-                    kl_sum = kl_sum + kl_to_indexer(target, logits, chosen >= 0, has_entries.float()) * count
+                    mass = probs[:, :, 0, :, self.window:].sum(2)  # on the chosen entries, summed over heads [B, Lc, k]
+                    kl_sum = kl_sum + indexer_kl(mass, selection.indexer)[0] * count
                     kl_count += count
         out = torch.cat(out, dim=1)
         # values carry RoPE (K = V): rotating the output back by -t leaves relative positions only

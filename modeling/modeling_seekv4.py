@@ -318,17 +318,30 @@ class SeekV4Model(SeekV4PreTrainedModel):
             MTPModule(config, SeekV4DecoderLayer(mtp_block_config(config), config.num_hidden_layers - 1, mtp=True))
             for _ in range(config.num_nextn_predict_layers)
         )
-        # one RoPE table per attention kind present (their rotary widths differ), plus the DSA indexer's
-        # (v4 layers own theirs: sliding and compressed layers use different RoPE parameters)
+        # one RoPE table per attention kind present (their rotary widths differ), plus the DSA indexer's; v4 has
+        # two RoPE parameter sets: `v4` (sliding layers and the MTP block) and `v4_compress` (csa / hca layers)
         rope_dims = {kind: ATTENTION_CLASSES[kind].rope_dim(config) for kind in set(config.attention_types) - {"v4"}}
         if "dsa" in config.attention_sparsity:
             rope_dims["indexer"] = config.index_rope_head_dim
+        rope_params = dict.fromkeys(rope_dims, config.rope_parameters)
+        if "v4" in config.attention_types:
+            rope_dims["v4"], rope_params["v4"] = config.qk_rope_head_dim, config.rope_parameters
+            if {"csa", "hca"} & set(config.attention_sparsity):
+                rope_dims["v4_compress"] = config.qk_rope_head_dim
+                rope_params["v4_compress"] = config.compress_rope_parameters
         self.rotary_emb = nn.ModuleDict({
-            name: RotaryEmbedding(config.rope_parameters, dim) for name, dim in sorted(rope_dims.items())
+            name: RotaryEmbedding(rope_params[name], dim) for name, dim in sorted(rope_dims.items())
         })
         self._needs_dense_mask = any(kind.needs_dense_mask(config) for kind in attention_kinds(config))
         self.gradient_checkpointing = False
         self.post_init()
+
+    def position_embeddings(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict:
+        """What every attention layer reads its RoPE from: {table name: (cos, sin) [B or 1, S, d/2]}."""
+        rope = {kind: emb(position_ids, dtype) for kind, emb in self.rotary_emb.items()}
+        if "v4_compress" in self.rotary_emb:  # v4 compressors rotate entry i to position i·m: they read the table
+            rope["v4_compress_table"] = self.rotary_emb["v4_compress"]
+        return rope
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -474,7 +487,7 @@ class SeekV4Model(SeekV4PreTrainedModel):
             mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                       past_key_values=past_key_values, position_ids=position_ids,
                                       allow_is_causal_skip=not has_static_layers(past_key_values))
-        rope = {kind: emb(position_ids, inputs_embeds.dtype) for kind, emb in self.rotary_emb.items()}
+        rope = self.position_embeddings(position_ids, inputs_embeds.dtype)
         layer_kwargs = {"output_attentions": True} if output_attentions else {}
         if padded:
             layer_kwargs["key_padding"] = attention_mask.bool()  # [B, T]: sparse kinds mask padding themselves

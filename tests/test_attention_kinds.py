@@ -178,3 +178,23 @@ def test_v4_cache_keeps_the_configured_window(window):
         steps += [model(ids[:, t: t + 1], past_key_values=cache).logits for t in range(prefill, ids.shape[1])]
     assert cache.layers[0].keys.shape[2] == window - 1
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_selectors_own_no_parameters_and_follow_their_module():
+    """Selectors (modeling/sparsity.py) hold references to the indexer / compressors registered on the attention
+    module: checkpoint keys stay `self_attn.indexer.*` / `self_attn.compressor.*`, and a copied model's selectors use
+    the copy's modules (else a deepcopy would silently select with the original's weights)."""
+    import copy
+
+    model = SeekV4ForCausalLM(_config(ALL_KINDS))
+    keys = list(model.state_dict())
+    assert not [k for k in keys if "selector" in k]
+    for i, (_, sparsity) in enumerate(ALL_KINDS):
+        prefix = f"model.layers.{i}.self_attn."
+        assert any(k.startswith(prefix + "indexer.") for k in keys) == (sparsity in ("dsa", "csa"))
+        assert any(k.startswith(prefix + "compressor.") for k in keys) == (sparsity in ("csa", "hca"))
+    clone = copy.deepcopy(model)
+    for attn in (layer.self_attn for layer in clone.model.layers):
+        for name in ("indexer", "compressor"):
+            if getattr(attn.selector, name, None) is not None:
+                assert getattr(attn.selector, name) is getattr(attn, name)

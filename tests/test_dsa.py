@@ -4,7 +4,7 @@ import torch
 from transformers import DynamicCache
 
 from seekv4 import SeekV4Config, SeekV4ForCausalLM
-from seekv4.modeling.dsa import freeze_all_but_indexers
+from seekv4.modeling.sparsity import freeze_all_but_indexers
 from seekv4.modeling import indexer as indexer_module
 from seekv4.modeling.indexer import LightningIndexer, deterministic_topk, select_topk, visible_keys
 from references import sparse_attention_reference

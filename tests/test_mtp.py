@@ -77,7 +77,9 @@ def test_v4_mtp_block_is_sliding_with_score_routed_moe():
     x = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     cfg = model.config  # stream count follows the preset's residual kind (mHC: hc_mult streams)
     streams = torch.randn(2, 40, cfg.hc_mult if cfg.residual_kind == "mhc" else 1, cfg.hidden_size)
-    kw = dict(position_embeddings={}, attention_mask=None, position_ids=torch.arange(40)[None])
+    pos = torch.arange(40)[None]
+    rope = model.model.position_embeddings(pos, torch.float32)  # the MTP block reads its `v4` table
+    kw = dict(position_embeddings=rope, attention_mask=None, position_ids=pos)
     with torch.no_grad():
         emb = model.model.embed_tokens(x)
         a = model.model.mtp[0](streams, emb, x, **kw)[1]

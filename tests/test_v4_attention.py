@@ -113,13 +113,18 @@ def attention64(attn: V4Attention, x: torch.Tensor) -> torch.Tensor:
     return low @ attn.o_b_proj.weight.double().T
 
 
+def rope_of(model, s: int) -> dict:
+    """The position embeddings the model hands its layers for positions 0..s-1."""
+    return model.model.position_embeddings(torch.arange(s)[None], torch.float32)
+
+
 @pytest.mark.parametrize("layer", [0, 1, 2])  # sliding, csa, hca
 def test_layer_matches_float64_spec_recomputation(layer):
     model = make()
     attn = model.model.layers[layer].self_attn
     x = torch.randn(1, 37, 64)
     with torch.no_grad():
-        ours = attn(x, {}, None)[0][0]
+        ours = attn(x, rope_of(model, x.shape[1]), None)[0][0]
         ref = attention64(attn, x[0])
     assert (ours.double() - ref).abs().max().item() < 1e-5
 
@@ -231,8 +236,8 @@ def test_fp8_simulation_of_window_and_compressed_entries_matches_float64_referen
             return torch.cat((q.flatten(-2), rope), dim=-1)
 
         with torch.no_grad():
-            ours = attn(x, {}, None)[0][0].double()
-            plain_out = ref_attn(x, {}, None)[0][0].double()
+            ours = attn(x, rope_of(model, x.shape[1]), None)[0][0].double()
+            plain_out = ref_attn(x, rope_of(plain, x.shape[1]), None)[0][0].double()
         assert (ours - plain_out).abs().max() > 1e-4  # the rounding is really applied
         import seekv4.modeling.attention_v4 as v4mod
         import seekv4.modeling.compressor as compmod
@@ -242,7 +247,7 @@ def test_fp8_simulation_of_window_and_compressed_entries_matches_float64_referen
         v4mod.fp8_round_head, compmod.fp8_round_head = fake, fake
         try:
             with torch.no_grad():
-                expected = attn(x, {}, None)[0][0].double()
+                expected = attn(x, rope_of(model, x.shape[1]), None)[0][0].double()
         finally:
             v4mod.fp8_round_head = compmod.fp8_round_head = original
         assert (ours - expected).abs().max() < 1e-5
@@ -265,3 +270,16 @@ def test_fp8_v4_cache_decoding_matches_full_forward():
         assert state.length == 41 // ratio and state.store.shape[1] >= state.length  # spare capacity for appends
         assert state.store.shape[::2] == (2, (d - rope) + 4 * (d - rope) // 8 + 4 * rope)
         assert state.entries.shape == (2, 41 // ratio, d) and state.entries.dtype == torch.float32
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])  # sliding, csa, hca
+def test_layer_without_the_models_rope_tables_is_a_clear_error(layer):
+    model = make()
+    attn, x = model.model.layers[layer].self_attn, torch.randn(1, 8, 64)
+    with pytest.raises(ValueError, match=r"position_embeddings\[.*SeekV4Model.position_embeddings"):
+        attn(x, {}, None)
+    if layer:  # compressed layers also need the table their compressors rotate entries with
+        rope = rope_of(model, 8)
+        del rope["v4_compress_table"]
+        with pytest.raises(ValueError, match=r"v4_compress_table"):
+            attn(x, rope, None)
