@@ -1,4 +1,4 @@
-"""`v4` attention: DeepSeek-V4's hybrid attention (spec §4.4–4.8, 4.13).
+"""`v4` attention: DeepSeek-V4's hybrid attention (V4 `Attention`; docs/attention.md#v4-deepseek-v4-hybrid-attention).
 
 Shared by all three layer kinds (`attention_sparsity[i]`):
   low-rank queries with a weightless per-head RMS norm; one shared K=V head (`head_dim`, 512 at full
