@@ -116,8 +116,8 @@ def _rename_deepseek_v4(key: str) -> str:
 
 KEY_RENAMES = {"deepseek_v4": _rename_deepseek_v4}
 
-CONFIG_CONVERTERS = {"llama": config_from_llama, "deepseek_v3": config_from_deepseek_v3, "deepseek_v4": config_from_deepseek_v4,
-                     "deepseek_v32": config_from_deepseek_v32}
+CONFIG_CONVERTERS = {"llama": config_from_llama, "deepseek_v3": config_from_deepseek_v3,
+                     "deepseek_v4": config_from_deepseek_v4, "deepseek_v32": config_from_deepseek_v32}
 
 
 def from_transformers(model: torch.nn.Module) -> SeekV4ForCausalLM:

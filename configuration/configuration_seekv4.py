@@ -175,7 +175,8 @@ class SeekV4Config(PreTrainedConfig):
     # "fp8_e4m3": the mla latent is stored (and, so cached and uncached runs agree, always used) in fp8 with one
     # power-of-two float32 scale per `kv_cache_fp8_block` values; the RoPE key stays in the model dtype.
     # For v4 attention the non-RoPE dims of the window K=V and of compressed entries are FP8-rounded the same way
-    # (the official V4 demo's simulation, block 64; docs/decisions.md#d7-v4-fp8-simulation), while the cache itself stays in the model dtype.
+    # (the official V4 demo's simulation, block 64; docs/decisions.md#d7-v4-fp8-simulation), while the cache itself
+    # stays in the model dtype.
     # (FlashMLA's V3.2 layout: 656 B/token/layer at full size in bf16)
     kv_cache_dtype: str = "auto"
     kv_cache_fp8_block: int = 128
@@ -223,17 +224,20 @@ class SeekV4Config(PreTrainedConfig):
     hc_mult: int | None = None  # streams n; None -> 1 for `plain`, 4 for `hc`/`mhc`
     hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn–Knopp iterations on the mixing matrix
     hc_eps: float = 1e-6  # mhc: added to `pre` and to every Sinkhorn denominator
-    mhc_init: str = "identity"  # from-scratch init: `identity` (a pre-norm residual at init, decisions.md#d2) | `uniform` (HF V4)
+    # from-scratch init: `identity` (a pre-norm residual at init, decisions.md#d2) | `uniform` (HF V4)
+    mhc_init: str = "identity"
     # ---- engram (modeling/engram.py): hashed n-gram memory added to the streams at the start of some layers
     engram_layer_ids: list[int] | None = None  # 0-based layers with an Engram module; None/[] = off
     engram_max_ngram_size: int = 3  # n-gram orders 2..N
     engram_n_heads: int = 8  # hash heads per order
     engram_head_dim: int = 64  # width of one table row
-    engram_vocab_size: int | list[int] = 4096  # per order: base size of each head's table (rows = distinct primes >= it)
+    # per order: base size of each head's table (rows = distinct primes >= it)
+    engram_vocab_size: int | list[int] = 4096
     engram_kernel_size: int = 4  # short causal depthwise conv (paper demo); 0 = none (V4.1)
     engram_pad_id: int | None = None  # raw id hashed before the sequence start and at padding; None -> pad_token_id
     engram_seed: int = 0  # multipliers of layer l come from numpy default_rng(seed + 10007·l)
-    engram_compressed_vocab_size: int | None = None  # size of the compressed vocabulary (bounds the multipliers); None -> vocab_size
+    # size of the compressed vocabulary (bounds the multipliers); None -> vocab_size
+    engram_compressed_vocab_size: int | None = None
     engram_storage: str = "device"  # tables in `device` memory, in `host` memory, or memory-mapped from `disk`
     engram_table_dir: str | None = None  # `disk`: directory holding the table files
     engram_write_buffer_mib: int = 256  # `disk`: RAM buffer of updated rows, flushed to the file when full
@@ -369,7 +373,8 @@ class SeekV4Config(PreTrainedConfig):
         if self.engram_layer_ids:
             self._check_engram()
         if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
-            _fail("num_nextn_predict_layers", self.num_nextn_predict_layers, "expected an integer >= 0 (0 disables MTP)")
+            _fail("num_nextn_predict_layers", self.num_nextn_predict_layers,
+                  "expected an integer >= 0 (0 disables MTP)")
         if not (isinstance(self.mtp_loss_weight, (int, float)) and self.mtp_loss_weight >= 0):
             _fail("mtp_loss_weight", self.mtp_loss_weight, "expected a number >= 0")
 
@@ -420,7 +425,8 @@ class SeekV4Config(PreTrainedConfig):
         if self.engram_storage not in ENGRAM_STORAGES:
             _fail("engram_storage", self.engram_storage, f"allowed: {list(ENGRAM_STORAGES)}")
         if self.engram_storage == "disk" and not self.engram_table_dir:
-            _fail("engram_table_dir", self.engram_table_dir, "engram_storage='disk' needs a directory for the table files")
+            _fail("engram_table_dir", self.engram_table_dir,
+                  "engram_storage='disk' needs a directory for the table files")
         buf = self.engram_write_buffer_mib
         if not isinstance(buf, int) or isinstance(buf, bool) or buf <= 0:
             _fail("engram_write_buffer_mib", buf, "expected a positive integer (MiB of updated rows kept in RAM "
@@ -450,7 +456,8 @@ class SeekV4Config(PreTrainedConfig):
                   f"expected one entry per layer (num_hidden_layers={self.num_hidden_layers})")
         for i, (kind, sparsity) in enumerate(zip(self.attention_types, self.attention_sparsity)):
             if sparsity not in SPARSITY_KINDS[kind]:
-                _fail(f"attention_sparsity[{i}]", sparsity, f"allowed for {kind!r} attention: {list(SPARSITY_KINDS[kind])}")
+                _fail(f"attention_sparsity[{i}]", sparsity,
+                      f"allowed for {kind!r} attention: {list(SPARSITY_KINDS[kind])}")
         if "v4" in self.attention_types:
             self._check_v4()
         if "dsa" not in self.attention_sparsity and "csa" not in self.attention_sparsity:
@@ -488,7 +495,8 @@ class SeekV4Config(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 2:
                 _fail(name, value, "expected an integer >= 2 (tokens pooled per compressed entry)")
-        if "csa" in self.attention_sparsity and self.index_topk > self.max_position_embeddings // self.csa_compress_ratio:
+        if ("csa" in self.attention_sparsity
+                and self.index_topk > self.max_position_embeddings // self.csa_compress_ratio):
             _fail("index_topk", self.index_topk, "top-k larger than the compressed context (max_position_embeddings"
                   f" // csa_compress_ratio = {self.max_position_embeddings // self.csa_compress_ratio})")
         self._check_rope("compress_rope_parameters")

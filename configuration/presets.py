@@ -107,11 +107,13 @@ PRESETS: dict[str, dict] = {
         ffn_types=["hash_moe"] * 3 + ["moe"] * 58, o_groups=16, index_topk=1024,
         n_routed_experts=384, moe_intermediate_size=3072, routed_scaling_factor=2.5,
     ),
-    # DeepSeek-V4.1-Flash (the V4.1 training port's config): 40 MoE layers (no hash layers listed), hidden 5120, 384 experts of 2304,
+    # DeepSeek-V4.1-Flash (the V4.1 training port's config): 40 MoE layers (no hash layers listed), hidden 5120,
+    # 384 experts of 2304,
     # mHC, Engram at layers 1 and 14 (§6.7: orders 2-4, 8 heads x 256, 16M base rows per head, no short conv,
     # compressed vocab 99,092, pad id 2). Attention follows V4-Flash's sliding / CSA / HCA schedule: V4.1's CSA2
     # (2:1 and 1:1 compression with cross-layer KV sharing) is not implemented. DSpark drafts replace MTP (not
-    # modelled: no MTP module). rms_norm_eps stays V4's 1e-6 (NeMo's 1e-20 is unverified, docs/decisions.md#d4-v41-rms-norm-eps).
+    # modelled: no MTP module). rms_norm_eps stays V4's 1e-6 (NeMo's 1e-20 is unverified,
+    # docs/decisions.md#d4-v41-rms-norm-eps).
     "deepseek-v4.1-flash": dict(
         _DEEPSEEK_V4, hidden_size=5120, num_hidden_layers=40, num_attention_heads=64, q_lora_rank=1280,
         attention_types=["v4"] * 40, attention_sparsity=["sliding"] * 2 + ["csa", "hca"] * 19,

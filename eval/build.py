@@ -47,8 +47,8 @@ MIN_TARGET_CHARS = 8         # non-space chars of a target line
 API_MIN_ARGS = 2             # api_recall: the target call passes >= 2 arguments (positional + keyword)
 API_PER_REPO_BUCKET = 4      # api_recall examples per (repo, bucket)
 # api_recall keeps a record in a bucket only if the defining file from its definition on and the target prefix
-# (the part cropping must not drop) fit the budget even at 2.5 chars/token, i.e. for any usual code BPE (SmolLM2: 3.53); byte-level
-# tokenizers (1 char/token) may crop the definition away: samples record `definition_in_prompt`.
+# (the part cropping must not drop) fit the budget even at 2.5 chars/token, i.e. for any usual code BPE (SmolLM2: 3.53);
+# byte-level tokenizers (1 char/token) may crop the definition away: samples record `definition_in_prompt`.
 API_KEEP_CHARS_PER_TOKEN = 2.5
 API_MAX_NEW_TOKENS = 64      # = prompts.MAX_NEW_TOKENS["api_recall"], kept out of the budget above
 PPL_CHARS = 1024             # code_perplexity: scored span = the shortest line-aligned file tail of >= this many chars
@@ -365,7 +365,8 @@ def build_api_recall(sources: dict[str, str]) -> list[dict]:
                 # cropping may cut the defining file above its definition, never below
                 keep = len(sources[file]) - prefix_lengths(sources[file])[def_line] + prefix[lineno]
                 for bucket, tokens in BUCKETS.items():
-                    if total >= tokens * CHARS_PER_TOKEN and keep <= (tokens - API_MAX_NEW_TOKENS) * API_KEEP_CHARS_PER_TOKEN:
+                    if (total >= tokens * CHARS_PER_TOKEN
+                            and keep <= (tokens - API_MAX_NEW_TOKENS) * API_KEEP_CHARS_PER_TOKEN):
                         per_bucket[bucket].append((_key("api", path, lineno), path, lineno, callee, file, def_line,
                                                    context))
         for bucket, candidates in per_bucket.items():
@@ -392,8 +393,8 @@ def perplexity_span_start(text: str) -> int:
 
 def build_code_perplexity(sources: dict[str, str]) -> list[dict]:
     """Long-context perplexity (docs/evaluation.md#code-perplexity): the NLL of a fixed span (the file's last
-    ~PPL_CHARS chars, line-aligned, `target`) given the preceding context cropped to each bucket. The same span is scored at
-    every bucket its context fills, so the bucket curve isolates the effect of context length.
+    ~PPL_CHARS chars, line-aligned, `target`) given the preceding context cropped to each bucket. The same span is
+    scored at every bucket its context fills, so the bucket curve isolates the effect of context length.
     category "repo": cross-file context (as repo_nextline) + the target file's prefix; PPL_FILES_PER_REPO
     hash-chosen files of at least 4 * PPL_CHARS chars per repo. category "file": the LONG_FILES alone."""
     records = []
@@ -430,7 +431,8 @@ def build(out_dir: str | os.PathLike = DATA_DIR) -> dict:
                + build_api_recall(sources) + build_code_perplexity(sources))
     # hash order within each (task, bucket), so the first N records (`--limit N`) are a fair sample; for
     # code_perplexity the hash ignores the bucket, so `--limit N` scores the same spans in every bucket they fill
-    records.sort(key=lambda r: (TASK_ORDER.index(r["task"]), r["bucket"], _key(r["id"]) if r["task"] != "code_perplexity"
+    records.sort(key=lambda r: (TASK_ORDER.index(r["task"]), r["bucket"],
+                                _key(r["id"]) if r["task"] != "code_perplexity"
                                 else _key(r["task"], r["category"], r["target_file"])))
     used = sorted({p for r in records for p in r["context_files"] + [r["target_file"]] if p})
     blobs = {"sources.jsonl": _jsonl({"path": p, "sha256": hashlib.sha256(sources[p].encode()).hexdigest(),
@@ -441,7 +443,8 @@ def build(out_dir: str | os.PathLike = DATA_DIR) -> dict:
     counts = Counter((r["task"], r["bucket"]) for r in records)
     manifest = {
         "builder_version": BUILDER_VERSION, "seed": SEED,
-        "origin": f"CPython {platform.python_version()} standard library (PSF License), {sysconfig.get_paths()['stdlib']}",
+        "origin": (f"CPython {platform.python_version()} standard library (PSF License), "
+                   f"{sysconfig.get_paths()['stdlib']}"),
         "python_version": platform.python_version(),
         "buckets": BUCKETS, "chars_per_token": CHARS_PER_TOKEN,
         "counts": {task: {str(b): n for (t, b), n in sorted(counts.items()) if t == task}

@@ -121,7 +121,8 @@ def render(record: dict, sources: dict[str, str], count: Callable[[str], int]) -
         prefix = target_prefix(sources[record["target_file"]], record["target_line"])
         if record["context_files"]:
             head = f"# Repo Name: {record['repo']}\n"
-            body = "".join(_file_block(p, sources[p]) for p in record["context_files"]) + f"# Path: {record['target_file']}\n" + prefix
+            body = ("".join(_file_block(p, sources[p]) for p in record["context_files"])
+                    + f"# Path: {record['target_file']}\n" + prefix)
         else:
             head, body = "", prefix
         return _crop_front(head, body.split("\n"), lambda b: b + span, count, budget)[:-len(span)]
@@ -134,7 +135,8 @@ def render(record: dict, sources: dict[str, str], count: Callable[[str], int]) -
     if task == "file_nextline":
         return _crop_front("", prefix.split("\n"), lambda body: body, count, budget)
     # repo_nextline and api_recall
-    body = "".join(_file_block(p, sources[p]) for p in record["context_files"]) + f"# Path: {record['target_file']}\n" + prefix
+    body = ("".join(_file_block(p, sources[p]) for p in record["context_files"])
+            + f"# Path: {record['target_file']}\n" + prefix)
     return _crop_front(f"# Repo Name: {record['repo']}\n", body.split("\n"), lambda b: b, count, budget)
 
 

@@ -130,7 +130,8 @@ def test_checkpoint_with_wrong_shapes(tmp_path, tiny):
     state = load_file(path)
     state["model.norm.weight"] = torch.ones(65)
     save_file(state, path, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"wrongly shaped keys \['model.norm.weight: checkpoint \(65,\) vs model \(64,\)'\]"):
+    with pytest.raises(ValueError,
+                       match=r"wrongly shaped keys \['model.norm.weight: checkpoint \(65,\) vs model \(64,\)'\]"):
         SeekV4ForCausalLM.from_pretrained(tmp_path)
 
 

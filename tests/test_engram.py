@@ -190,7 +190,8 @@ def test_disk_write_buffer_reads_flush_and_threshold(tmp_path):
     disk.flush()  # commits the directly written rows: a table is `dirty` (not openable) until its first flush
     file = open_table_file(str(tmp_path / "t.bin"), 40, 4)  # an independent view of the file
     # step 1: 4 rows -> buffered; the file is untouched, reads see the update
-    assert torch.equal(_train_step(ram, torch.tensor([3, 9, 3, 17, 30])), _train_step(disk, torch.tensor([3, 9, 3, 17, 30])))
+    assert torch.equal(_train_step(ram, torch.tensor([3, 9, 3, 17, 30])),
+                       _train_step(disk, torch.tensor([3, 9, 3, 17, 30])))
     assert torch.equal(file, init) and disk._buffered == 4
     assert torch.equal(disk.gather(torch.arange(40)), ram.weight) and not torch.equal(ram.weight, init)
     # step 2: rows 9, 17 hit the buffer, 5 and 6 are new (6 buffered = capacity): still nothing written
@@ -278,4 +279,5 @@ def test_v41_flash_preset_table_rows_and_active_parameters():
     counts, plain = parameter_counts(tiny), parameter_counts(cfg(engram_layer_ids=[]))
     tables = sum(sum(NgramHasher(tiny).table_sizes(layer)) * 8 for layer in (1, 2))
     assert counts["engram_tables"] == tables
-    assert counts["active_per_token"] - counts["total"] == plain["active_per_token"] - plain["total"] - tables + 2 * 4 * 8
+    assert (counts["active_per_token"] - counts["total"]
+            == plain["active_per_token"] - plain["total"] - tables + 2 * 4 * 8)

@@ -37,7 +37,8 @@ def as_sets(idx):
                                           (1, 8, 33, 40)])
 def test_picks_equal_eager_on_exact_grid(amx, h, d, length, k):
     g = torch.Generator().manual_seed(h * 1000 + d)
-    q, w, keys = grid(2, length, h, d, generator=g), grid(2, length, h, scale=2, generator=g), grid(2, length, d, generator=g)
+    q, w, keys = (grid(2, length, h, d, generator=g), grid(2, length, h, scale=2, generator=g),
+                  grid(2, length, d, generator=g))
     limit = torch.arange(1, length + 1)[None]  # causal: query t sees keys s <= t
     ref = eager_indexer(h, d, k).select(q, w, keys, limit, None)
     got = fused_topk(q, w, keys, limit, None, min(k, length), amx=amx)
@@ -66,7 +67,8 @@ def test_padding_and_decode_positions_match_eager(amx):
     """Queries at arbitrary cache positions (decode / chunked prefill) and padded keys (left-padded batches)."""
     g = torch.Generator().manual_seed(3)
     b, length, t, h, d, k = 2, 7, 90, 2, 32, 12
-    q, w, keys = grid(b, length, h, d, generator=g), grid(b, length, h, scale=2, generator=g), grid(b, t, d, generator=g)
+    q, w, keys = (grid(b, length, h, d, generator=g), grid(b, length, h, scale=2, generator=g),
+                  grid(b, t, d, generator=g))
     pos = torch.tensor([[10, 11, 40, 41, 80, 88, 89]])
     pad = torch.ones(b, t, dtype=torch.bool)
     pad[1, :37] = False
@@ -88,7 +90,8 @@ def test_v4_selection_matches_eager_on_exact_grid():
 
 def test_random_inputs_mostly_agree_and_threads_do_not_change_the_result():
     g = torch.Generator().manual_seed(0)
-    q, w, keys = torch.randn(1, 600, 2, 64, generator=g), torch.randn(1, 600, 2, generator=g), torch.randn(1, 600, 64, generator=g)
+    q, w, keys = (torch.randn(1, 600, 2, 64, generator=g), torch.randn(1, 600, 2, generator=g),
+                  torch.randn(1, 600, 64, generator=g))
     limit = torch.arange(1, 601)[None]
     ref = eager_indexer(2, 64, 16).select(q, w, keys, limit, None)
     old = torch.get_num_threads()

@@ -57,7 +57,8 @@ def test_mtp_weights_save_load_and_loss_falls(tmp_path):
 
 
 def _v4(last_sparsity: str, last_ffn: str):
-    return SeekV4Config.from_preset("tiny-deepseek-v4-flash", attention_sparsity=["sliding", "csa", "hca", last_sparsity],
+    return SeekV4Config.from_preset("tiny-deepseek-v4-flash",
+                                    attention_sparsity=["sliding", "csa", "hca", last_sparsity],
                                     ffn_types=["hash_moe", "moe", "moe", last_ffn], num_nextn_predict_layers=1)
 
 

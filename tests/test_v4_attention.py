@@ -59,7 +59,8 @@ def compress64(comp, hidden, params, rope_dim):
         else:
             vals, logits = kv[cur], gate[cur]
         pooled = (torch.softmax(logits, 0) * vals).sum(0)
-        normed = pooled / torch.sqrt(pooled.pow(2).mean() + comp.kv_norm.variance_epsilon) * comp.kv_norm.weight.double()
+        normed = (pooled / torch.sqrt(pooled.pow(2).mean() + comp.kv_norm.variance_epsilon)
+                  * comp.kv_norm.weight.double())
         entries.append(normed)
     entries = torch.stack(entries) if entries else hidden.new_zeros(0, d)
     return rope_tail(entries, torch.arange(n) * m, params, rope_dim)
