@@ -39,7 +39,8 @@ class MLAAttention(nn.Module):
         self.config, self.layer_idx = config, layer_idx
         self.num_heads = config.num_attention_heads
         self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
-        self.nope_dim, self.rope_head_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.nope_dim, self.rope_head_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
         self.qk_dim = self.nope_dim + self.rope_head_dim
         self.num_key_value_groups = 1  # keys/values are per head once expanded
         self.scaling = softmax_scale(config.rope_parameters, self.qk_dim)
@@ -102,8 +103,8 @@ class MLAAttention(nn.Module):
         """Cache one byte record per token, [e4m3 latent | float32 scales | RoPE key in the model dtype] (FlashMLA's
         V3.2 layout), and attend with the dequantised latent whether cached or not, so both paths agree."""
         dtype = k_rope.dtype
-        record = torch.cat((pack_fp8(c_kv, self.config.kv_cache_fp8_block), k_rope.contiguous().view(torch.float8_e4m3fn)),
-                           dim=-1)
+        record = torch.cat((pack_fp8(c_kv, self.config.kv_cache_fp8_block),
+                            k_rope.contiguous().view(torch.float8_e4m3fn)), dim=-1)
         if past_key_values is not None:
             record, _ = cache_update(past_key_values, self.layer_idx, record, record[..., :0])
         latent_bytes = packed_bytes(self.kv_lora_rank, self.config.kv_cache_fp8_block)

@@ -171,7 +171,8 @@ class EngramMemory(nn.Module):
     def set_token_map(self, mapping: torch.Tensor):
         if mapping.shape != self.token_map.shape:
             raise ValueError(f"Engram token map has shape {tuple(mapping.shape)}, the model's vocabulary needs "
-                             f"{tuple(self.token_map.shape)}; build it with build_engram_map(tokenizer, config.vocab_size).")
+                             f"{tuple(self.token_map.shape)}; build it with "
+                             "build_engram_map(tokenizer, config.vocab_size).")
         self.token_map.copy_(mapping)
 
     def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -32,7 +32,8 @@ class DenseFFN(nn.Module):
         self.down_proj = nn.Linear(inter, config.hidden_size, bias=False)
 
     def forward(self, hidden_states, input_ids=None):
-        return self.down_proj(swiglu(self.gate_proj(hidden_states), self.up_proj(hidden_states), self.swiglu_limit)), None
+        gated = swiglu(self.gate_proj(hidden_states), self.up_proj(hidden_states), self.swiglu_limit)
+        return self.down_proj(gated), None
 
 
 # ---- routing -------------------------------------------------------------------------------------
@@ -232,9 +233,8 @@ class MoE(nn.Module):
         self.kind = "hash_moe" if hashed else "moe"
         self.gate = HashRouter(config) if hashed else Router(config)
         self.experts = Experts(config)
-        self.shared_experts = (
-            DenseFFN(config, config.moe_intermediate_size * config.n_shared_experts) if config.n_shared_experts else None
-        )
+        shared = config.moe_intermediate_size * config.n_shared_experts
+        self.shared_experts = DenseFFN(config, shared) if config.n_shared_experts else None
 
     def forward(self, hidden_states, input_ids=None):
         b, s, h = hidden_states.shape
