@@ -5,6 +5,10 @@ identical scores and must pick identical sets, ties (common on such a grid) incl
 kernel's bf16 products may reorder near-equal scores; there the picks must still mostly agree.
 """
 import logging
+import os
+import platform
+import shlex
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -192,3 +196,68 @@ def test_auto_is_eager_off_the_cpu():
     assert resolve_implementation("auto", torch.device("meta")) == "eager"
     assert resolve_implementation("auto", torch.device("cpu")) == ("fused" if indexer_kernel.available() else "eager")
     assert resolve_implementation("eager", torch.device("cpu")) == "eager"
+
+
+def _haswell_skip_reason() -> str | None:
+    """Why the AVX2 (-march=haswell) build cannot be run here, or None."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the -march=haswell build is x86-64 only (this machine is {platform.machine()})"
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "cannot read /proc/cpuinfo to check that this CPU runs AVX2 + FMA code"
+    if not {"avx2", "fma"} <= set(flags):
+        return "this CPU lacks AVX2 or FMA, so a -march=haswell build cannot run on it"
+    cc = shlex.split(os.environ.get("CC", "cc"))
+    try:
+        res = subprocess.run(cc + ["-march=haswell", "-x", "c", "-c", "-o", os.devnull, "-"], input="int x;\n",
+                             capture_output=True, text=True)
+    except OSError as e:
+        return f"no C compiler (`{' '.join(cc)}`: {e})"
+    if res.returncode:
+        return f"`{' '.join(cc)}` does not accept -march=haswell: {res.stderr.strip()[-300:]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def haswell_cache(tmp_path_factory):
+    reason = _haswell_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    return tmp_path_factory.mktemp("haswell-kernels")  # built once (keyed by the flags), loaded by each test
+
+
+@pytest.fixture
+def haswell(haswell_cache, monkeypatch):
+    """The kernel built for -march=haswell (AVX2 + FMA, no AVX-512 / AMX): the code path of AVX2-only CPUs such as
+    AMD EPYC, tested on every x86-64 machine. monkeypatch puts the native library (and FLAGS) back afterwards."""
+    monkeypatch.setattr(indexer_kernel, "FLAGS",
+                        [("-march=haswell" if f == "-march=native" else f) for f in indexer_kernel.FLAGS])
+    monkeypatch.setattr(indexer_kernel, "_LIB", None)
+    monkeypatch.setenv("SEEKV4_KERNEL_CACHE", str(haswell_cache))
+    lib = indexer_kernel.library()
+    assert not lib.amx
+    assert list(haswell_cache.glob("indexer_topk_*.so")), "the haswell build must come from its own cache"
+    return lib
+
+
+@pytest.mark.parametrize("h,d,length,k", [(1, 16, 100, 8), (2, 64, 300, 16), (4, 16, 257, 8), (4, 64, 130, 12),
+                                          (2, 16, 70, 80), (1, 64, 45, 7)])
+def test_haswell_build_picks_equal_eager_on_exact_grid(haswell, h, d, length, k):
+    test_picks_equal_eager_on_exact_grid(False, h, d, length, k)
+
+
+@pytest.mark.parametrize("h,d", [(1, 16), (2, 64), (4, 16), (4, 64)])
+def test_haswell_build_padding_and_decode_positions_match_eager(haswell, h, d):
+    g = torch.Generator().manual_seed(11 * h + d)
+    for b, length, t, pos, k in [(2, 40, 300, None, 10),  # prefill (chunks of queries, packed keys)
+                                 (2, 3, 3000, [[40, 1700, 2999]], 16)]:  # decode (tiles packed inside the scan)
+        q, w, keys = (grid(b, length, h, d, generator=g), grid(b, length, h, scale=2, generator=g),
+                      grid(b, t, d, generator=g))
+        pos = torch.arange(t - length, t)[None] if pos is None else torch.tensor(pos)
+        pad = torch.ones(b, t, dtype=torch.bool)
+        pad[1, : t // 3] = False  # left padding
+        pad[0, t // 2: t // 2 + 37] = False  # a hole
+        ref = eager_indexer(h, d, k).select(q, w, keys, pos + 1, pad)
+        got = fused_topk(q, w, keys, pos + 1, pad, k)
+        assert torch.equal(as_sets(got), as_sets(ref)), (b, length, t)
