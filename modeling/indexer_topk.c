@@ -17,8 +17,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__) || defined(__AMX_TILE__)
+#if defined(__AVX512F__) || defined(__AMX_TILE__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define SEEKV4_AVX2 1 /* AVX2 + FMA without AVX-512 (e.g. AMD EPYC before Zen 4): hand-blocked intrinsics */
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
 #define SEEKV4_AMX 1
@@ -215,6 +218,19 @@ static void unpack_tile(const uint16_t *ktile, int chunks, float *kf) {
     for (int ch = 0; ch < chunks; ch++)
         for (int half = 0; half < 2; half++) {
             const uint16_t *t = ktile + (half * chunks + ch) * 512;
+#ifdef SEEKV4_AVX2
+            /* dword n of row p holds dims 2p (low half) and 2p + 1 (high half) of key n: the float bits of a bf16
+             * are its 16 bits shifted up, so a shift and a mask convert 8 keys at a time, exactly as from_bf16 */
+            const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+            for (int p = 0; p < 16; p++)
+                for (int n = 0; n < 16; n += 8) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(t + p * 32 + 2 * n));
+                    float *o = kf + (size_t)(ch * 32 + 2 * p) * KEY_TILE + half * 16 + n;
+                    _mm256_storeu_ps(o, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+                    _mm256_storeu_ps(o + KEY_TILE, _mm256_castsi256_ps(_mm256_and_si256(v, hi)));
+                }
+            continue;
+#endif
             for (int p = 0; p < 16; p++)
                 for (int n = 0; n < 16; n++)
                     for (int e = 0; e < 2; e++)
@@ -224,7 +240,10 @@ static void unpack_tile(const uint16_t *ktile, int chunks, float *kf) {
 
 /* q rows [ROW_TILE][dp] float32 (bf16 values) x kf -> c[ROW_TILE][KEY_TILE], rows `ld` apart. Eight named
  * accumulators of the machine's vector width (4 rows x 2 vectors of 16 with AVX-512, else 2 rows x 4 of 8) stay in
- * registers (compilers spill arrays of vectors here), so each key vector loaded feeds several rows. */
+ * registers (compilers spill arrays of vectors here), so each key vector loaded feeds several rows. With AVX2 + FMA,
+ * a 6-row x 16-key block keeps 12 accumulators in the 16 ymm registers (the classic SGEMM blocking: 2 key loads
+ * and 6 broadcasts feed 12 FMAs). Only the first d of the dp dims are summed: the padding is zero in q and k, and
+ * adding +0 to a sum that starts at +0 changes nothing, so the sums equal the full ones bit for bit. */
 #ifdef __AVX512F__
 typedef float vf __attribute__((vector_size(64)));
 #define RB 4
@@ -233,13 +252,59 @@ typedef float vf __attribute__((vector_size(32)));
 #define RB 2
 #endif
 
-static void portable_block(const float *qrows, int dp, const float *kf, float *c, int ld) {
+#ifdef SEEKV4_AVX2
+static void avx2_6x16(const float *q, int dp, int d, const float *kf, float *o, int ld) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+           c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int e = 0; e < d; e++) {
+        const float *kr = kf + (size_t)e * KEY_TILE;
+        __m256 k0 = _mm256_loadu_ps(kr), k1 = _mm256_loadu_ps(kr + 8), x;
+        x = _mm256_broadcast_ss(q + e), c00 = _mm256_fmadd_ps(x, k0, c00), c01 = _mm256_fmadd_ps(x, k1, c01);
+        x = _mm256_broadcast_ss(q + dp + e), c10 = _mm256_fmadd_ps(x, k0, c10), c11 = _mm256_fmadd_ps(x, k1, c11);
+        x = _mm256_broadcast_ss(q + 2 * dp + e), c20 = _mm256_fmadd_ps(x, k0, c20), c21 = _mm256_fmadd_ps(x, k1, c21);
+        x = _mm256_broadcast_ss(q + 3 * dp + e), c30 = _mm256_fmadd_ps(x, k0, c30), c31 = _mm256_fmadd_ps(x, k1, c31);
+        x = _mm256_broadcast_ss(q + 4 * dp + e), c40 = _mm256_fmadd_ps(x, k0, c40), c41 = _mm256_fmadd_ps(x, k1, c41);
+        x = _mm256_broadcast_ss(q + 5 * dp + e), c50 = _mm256_fmadd_ps(x, k0, c50), c51 = _mm256_fmadd_ps(x, k1, c51);
+    }
+    _mm256_storeu_ps(o, c00), _mm256_storeu_ps(o + 8, c01), _mm256_storeu_ps(o + ld, c10);
+    _mm256_storeu_ps(o + ld + 8, c11), _mm256_storeu_ps(o + 2 * ld, c20), _mm256_storeu_ps(o + 2 * ld + 8, c21);
+    _mm256_storeu_ps(o + 3 * ld, c30), _mm256_storeu_ps(o + 3 * ld + 8, c31), _mm256_storeu_ps(o + 4 * ld, c40);
+    _mm256_storeu_ps(o + 4 * ld + 8, c41), _mm256_storeu_ps(o + 5 * ld, c50), _mm256_storeu_ps(o + 5 * ld + 8, c51);
+}
+
+static void avx2_2x32(const float *q, int dp, int d, const float *kf, float *o, int ld) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int e = 0; e < d; e++) {
+        const float *kr = kf + (size_t)e * KEY_TILE;
+        __m256 k0 = _mm256_loadu_ps(kr), k1 = _mm256_loadu_ps(kr + 8), k2 = _mm256_loadu_ps(kr + 16);
+        __m256 k3 = _mm256_loadu_ps(kr + 24), x = _mm256_broadcast_ss(q + e), y = _mm256_broadcast_ss(q + dp + e);
+        a0 = _mm256_fmadd_ps(x, k0, a0), a1 = _mm256_fmadd_ps(x, k1, a1);
+        a2 = _mm256_fmadd_ps(x, k2, a2), a3 = _mm256_fmadd_ps(x, k3, a3);
+        b0 = _mm256_fmadd_ps(y, k0, b0), b1 = _mm256_fmadd_ps(y, k1, b1);
+        b2 = _mm256_fmadd_ps(y, k2, b2), b3 = _mm256_fmadd_ps(y, k3, b3);
+    }
+    _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1), _mm256_storeu_ps(o + 16, a2), _mm256_storeu_ps(o + 24, a3);
+    _mm256_storeu_ps(o + ld, b0), _mm256_storeu_ps(o + ld + 8, b1);
+    _mm256_storeu_ps(o + ld + 16, b2), _mm256_storeu_ps(o + ld + 24, b3);
+}
+#endif
+
+static void portable_block(const float *qrows, int dp, int d, const float *kf, float *c, int ld) {
+#ifdef SEEKV4_AVX2
+    int r = 0;
+    for (; r + 6 <= ROW_TILE; r += 6) {
+        avx2_6x16(qrows + (size_t)r * dp, dp, d, kf, c + (size_t)r * ld, ld);
+        avx2_6x16(qrows + (size_t)r * dp, dp, d, kf + 16, c + (size_t)r * ld + 16, ld);
+    }
+    for (; r < ROW_TILE; r += 2) avx2_2x32(qrows + (size_t)r * dp, dp, d, kf, c + (size_t)r * ld, ld);
+    return;
+#endif
     for (int r = 0; r < ROW_TILE; r += RB) {
         const float *q = qrows + (size_t)r * dp;
         float *o = c + (size_t)r * ld;
 #ifdef __AVX512F__
         vf acc00 = {0}, acc01 = {0}, acc10 = {0}, acc11 = {0}, acc20 = {0}, acc21 = {0}, acc30 = {0}, acc31 = {0}, k0, k1;
-        for (int e = 0; e < dp; e++) {
+        for (int e = 0; e < d; e++) {
             const float *kr = kf + (size_t)e * KEY_TILE;
             memcpy(&k0, kr, 64), memcpy(&k1, kr + 16, 64);
             float x0 = q[e], x1 = q[dp + e], x2 = q[2 * dp + e], x3 = q[3 * dp + e];
@@ -251,7 +316,7 @@ static void portable_block(const float *qrows, int dp, const float *kf, float *c
         memcpy(o + 3 * ld, &acc30, 64), memcpy(o + 3 * ld + 16, &acc31, 64);
 #else
         vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0}, k0, k1, k2, k3;
-        for (int e = 0; e < dp; e++) {
+        for (int e = 0; e < d; e++) {
             const float *kr = kf + (size_t)e * KEY_TILE;
             memcpy(&k0, kr, 32), memcpy(&k1, kr + 8, 32), memcpy(&k2, kr + 16, 32), memcpy(&k3, kr + 24, 32);
             float x0 = q[e], x1 = q[dp + e];
@@ -268,6 +333,11 @@ static void portable_block(const float *qrows, int dp, const float *kf, float *c
 static void rank_tile(const float *c, long j, long g0, int gn, int h, int k, long t, const int64_t *limit,
                       const uint8_t *valid, const float *w, entry *heaps, int *counts) {
     int64_t base = j * KEY_TILE;
+    uint32_t keep = 0xffffffffu; /* the tile's unpadded keys (the same for every query) */
+    if (valid)
+        for (int n = 0; n < KEY_TILE && base + n < t; n++)
+            if (!valid[base + n]) keep &= ~(1u << n);
+    if (!keep) return;
     for (int i = 0; i < gn; i++) {
         int64_t lim = limit[g0 + i] < t - 1 ? limit[g0 + i] : t - 1;
         if (lim < base) continue;
@@ -282,7 +352,7 @@ static void rank_tile(const float *c, long j, long g0, int gn, int h, int k, lon
             s0 = _mm512_fmadd_ps(wr, _mm512_max_ps(_mm512_loadu_ps(ci + r * KEY_TILE), z), s0);
             s1 = _mm512_fmadd_ps(wr, _mm512_max_ps(_mm512_loadu_ps(ci + r * KEY_TILE + 16), z), s1);
         }
-        uint32_t mask = lim - base >= KEY_TILE - 1 ? 0xffffffffu : (1u << (lim - base + 1)) - 1u;
+        uint32_t mask = (lim - base >= KEY_TILE - 1 ? 0xffffffffu : (1u << (lim - base + 1)) - 1u) & keep;
         if (!fill) {
             __m512 thr = _mm512_set1_ps(hi[0].s);
             mask &= (uint32_t)_mm512_cmp_ps_mask(s0, thr, _CMP_GT_OQ) |
@@ -291,6 +361,27 @@ static void rank_tile(const float *c, long j, long g0, int gn, int h, int k, lon
         if (!mask) continue;
         _mm512_storeu_ps(s, s0);
         _mm512_storeu_ps(s + 16, s1);
+#elif defined(SEEKV4_AVX2)
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, z = s0;
+        for (int r = 0; r < h; r++) {
+            __m256 wr = _mm256_set1_ps(wi[r]);
+            const float *cr = ci + r * KEY_TILE;
+            s0 = _mm256_fmadd_ps(wr, _mm256_max_ps(_mm256_loadu_ps(cr), z), s0);
+            s1 = _mm256_fmadd_ps(wr, _mm256_max_ps(_mm256_loadu_ps(cr + 8), z), s1);
+            s2 = _mm256_fmadd_ps(wr, _mm256_max_ps(_mm256_loadu_ps(cr + 16), z), s2);
+            s3 = _mm256_fmadd_ps(wr, _mm256_max_ps(_mm256_loadu_ps(cr + 24), z), s3);
+        }
+        uint32_t mask = (lim - base >= KEY_TILE - 1 ? 0xffffffffu : (1u << (lim - base + 1)) - 1u) & keep;
+        if (!fill) {
+            __m256 thr = _mm256_set1_ps(hi[0].s);
+            mask &= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(s0, thr, _CMP_GT_OQ)) |
+                    (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(s1, thr, _CMP_GT_OQ)) << 8 |
+                    (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(s2, thr, _CMP_GT_OQ)) << 16 |
+                    (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(s3, thr, _CMP_GT_OQ)) << 24;
+        }
+        if (!mask) continue;
+        _mm256_storeu_ps(s, s0), _mm256_storeu_ps(s + 8, s1), _mm256_storeu_ps(s + 16, s2);
+        _mm256_storeu_ps(s + 24, s3);
 #else
         for (int n = 0; n < KEY_TILE; n++) s[n] = 0.f;
         for (int r = 0; r < h; r++)
@@ -298,14 +389,11 @@ static void rank_tile(const float *c, long j, long g0, int gn, int h, int k, lon
                 float x = ci[r * KEY_TILE + n];
                 s[n] = fmaf(wi[r], x > 0.f ? x : 0.f, s[n]);
             }
-        uint32_t mask = lim - base >= KEY_TILE - 1 ? 0xffffffffu : (1u << (lim - base + 1)) - 1u;
+        uint32_t mask = (lim - base >= KEY_TILE - 1 ? 0xffffffffu : (1u << (lim - base + 1)) - 1u) & keep;
         if (!fill)
             for (int n = 0; n < KEY_TILE; n++)
                 if (!(s[n] > hi[0].s)) mask &= ~(1u << n);
 #endif
-        if (valid)
-            for (int n = 0; n < KEY_TILE; n++)
-                if ((mask >> n & 1u) && !valid[base + n]) mask &= ~(1u << n);
         if (mask) offer(hi, counts + i, k, s, base, mask);
     }
 }
@@ -373,7 +461,7 @@ int seekv4_indexer_topk(const float *q, const float *w, const uint16_t *kpack, c
                     if (use_amx) amx_block(qb + (size_t)r0 * dp, ktile, chunks, cj + (size_t)r0 * KEY_TILE, KEY_TILE);
                     else
 #endif
-                        portable_block(qf + (size_t)r0 * dp, dp, kf, cj + (size_t)r0 * KEY_TILE, KEY_TILE);
+                        portable_block(qf + (size_t)r0 * dp, dp, d, kf, cj + (size_t)r0 * KEY_TILE, KEY_TILE);
                 }
             }
             long jr = j + LAG;
