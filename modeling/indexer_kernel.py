@@ -147,7 +147,8 @@ def fused_topk(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, limit: torc
     def run(i, s, e, packed=None):
         rc = lib.seekv4_indexer_topk(qf[i].data_ptr(), wf[i].data_ptr(), None if packed is None else packed.data_ptr(),
                                      kf[i].data_ptr(), t, h, d, limits[i].data_ptr(),
-                                     None if valid is None else valid[i].data_ptr(), k, s, e, out[i].data_ptr(), int(use_amx))
+                                     None if valid is None else valid[i].data_ptr(), k, s, e, out[i].data_ptr(),
+                                     int(use_amx))
         if rc:
             raise MemoryError("fused indexer kernel: out of memory for its per-thread buffers")
 

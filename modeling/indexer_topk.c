@@ -303,7 +303,8 @@ static void portable_block(const float *qrows, int dp, int d, const float *kf, f
         const float *q = qrows + (size_t)r * dp;
         float *o = c + (size_t)r * ld;
 #ifdef __AVX512F__
-        vf acc00 = {0}, acc01 = {0}, acc10 = {0}, acc11 = {0}, acc20 = {0}, acc21 = {0}, acc30 = {0}, acc31 = {0}, k0, k1;
+        vf acc00 = {0}, acc01 = {0}, acc10 = {0}, acc11 = {0}, k0, k1;
+        vf acc20 = {0}, acc21 = {0}, acc30 = {0}, acc31 = {0};
         for (int e = 0; e < d; e++) {
             const float *kr = kf + (size_t)e * KEY_TILE;
             memcpy(&k0, kr, 64), memcpy(&k1, kr + 16, 64);
@@ -324,7 +325,8 @@ static void portable_block(const float *qrows, int dp, int d, const float *kf, f
             b0 += x1 * k0, b1 += x1 * k1, b2 += x1 * k2, b3 += x1 * k3;
         }
         memcpy(o, &a0, 32), memcpy(o + 8, &a1, 32), memcpy(o + 16, &a2, 32), memcpy(o + 24, &a3, 32);
-        memcpy(o + ld, &b0, 32), memcpy(o + ld + 8, &b1, 32), memcpy(o + ld + 16, &b2, 32), memcpy(o + ld + 24, &b3, 32);
+        memcpy(o + ld, &b0, 32), memcpy(o + ld + 8, &b1, 32);
+        memcpy(o + ld + 16, &b2, 32), memcpy(o + ld + 24, &b3, 32);
 #endif
     }
 }
@@ -437,7 +439,8 @@ int seekv4_indexer_topk(const float *q, const float *w, const uint16_t *kpack, c
         int64_t top = -1;
         for (int i = 0; i < gn; i++) {
             for (int r = 0; r < h; r++)
-                for (int e = 0; e < d; e++) qb[(size_t)(i * h + r) * dp + e] = to_bf16(q[((g0 + i) * h + r) * (long)d + e]);
+                for (int e = 0; e < d; e++)
+                    qb[(size_t)(i * h + r) * dp + e] = to_bf16(q[((g0 + i) * h + r) * (long)d + e]);
             int64_t lim = limit[g0 + i] < t - 1 ? limit[g0 + i] : t - 1;
             if (lim > top) top = lim;
             counts[i] = 0;
