@@ -24,6 +24,7 @@ import pathlib
 
 from .models import PRESET_SEED, model_kind
 from .prompts import EvalError
+from .report import write_atomic
 
 CACHE_FILE = "sha256_cache.json"
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -64,9 +65,8 @@ class DigestCache:
         """Write the cache (atomically) if it changed and the run folder exists."""
         if not self.changed or not self.path.parent.is_dir():
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        text = json.dumps(self.entries, indent=1, sort_keys=True) + "\n"
+        write_atomic(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         self.changed = False
 
 

@@ -74,7 +74,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _write_atomic(path: pathlib.Path, write) -> None:
+def write_atomic(path: pathlib.Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -82,6 +82,6 @@ def _write_atomic(path: pathlib.Path, write) -> None:
 
 def write_reports(results: dict, out: pathlib.Path) -> None:
     """results.md and results.png first; results.json (the completion marker) last."""
-    _write_atomic(out / "results.md", lambda p: p.write_text(markdown(results), encoding="utf-8"))
-    _write_atomic(out / "results.png", lambda p: plot(results, p))
-    _write_atomic(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8"))
+    write_atomic(out / "results.md", lambda p: p.write_text(markdown(results), encoding="utf-8"))
+    write_atomic(out / "results.png", lambda p: plot(results, p))
+    write_atomic(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8"))

@@ -39,8 +39,11 @@ import uuid
 from collections import Counter
 
 from transformers import PreTrainedModel
+from transformers.modeling_utils import _add_variant
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils.hub import create_and_tag_model_card, hf_api
+
+from .fileio import fsync_path
 
 SAVE_ID_KEY = "seekv4_save_id"
 CONFIG_NAME = "config.json"
@@ -48,33 +51,11 @@ _COPY_CHUNK = 1 << 24  # bytes per read when a shard's data is copied behind its
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
-def _add_variant(name: str, variant: str | None) -> str:
-    """transformers' naming: model.safetensors -> model.<variant>.safetensors (the index likewise)."""
-    if not variant:
-        return name
-    *stem, ext = name.split(".")
-    return ".".join([*stem, variant, ext])
-
-
 def _weights_names(variant: str | None) -> tuple[str, str, re.Pattern]:
     """The single weights file, the index, and the shard pattern of a variant."""
     single = _add_variant(SAFE_WEIGHTS_NAME, variant)
     shard = re.compile(re.escape(single[: -len(".safetensors")]) + r"-\d{5}-of-\d{5}\.safetensors")
     return single, _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant), shard
-
-
-def _fsync(path: str):
-    """Flush a file, or a folder's entries (so renames survive a power loss)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # folders cannot be opened on every platform
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---- safetensors headers ---------------------------------------------------------------------------------------
@@ -142,8 +123,8 @@ def _stamp(folder: str, save_id: str, variant: str | None):
         elif name == CONFIG_NAME and not variant:  # shared by every variant of a folder: not theirs to claim
             _stamp_json(path, save_id, in_metadata=False)
         elif os.path.isfile(path):
-            _fsync(path)
-    _fsync(folder)
+            fsync_path(path)
+    fsync_path(folder)
 
 
 # ---- saving ----------------------------------------------------------------------------------------------------
@@ -164,7 +145,7 @@ def _swap_in(staging: str, target: str, variant: str | None, save_id: str):
         for name in new:
             os.rename(os.path.join(staging, name), os.path.join(target, name))
             moved_in.append(name)
-        _fsync(target)
+        fsync_path(target)
     except BaseException:
         for name in reversed(moved_in):
             os.rename(os.path.join(target, name), os.path.join(staging, name))
@@ -193,7 +174,7 @@ def save_atomically(model: PreTrainedModel, save_directory, variant: str | None 
             _swap_in(staging, target, variant, save_id)
         else:
             os.rename(staging, target)
-            _fsync(parent)
+            fsync_path(parent)
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging)
@@ -279,7 +260,8 @@ def check_checkpoint(path, strict: bool = True, subfolder: str = "", variant: st
     if not strict:
         return
     ids = {name: header.get("__metadata__", {}).get(SAVE_ID_KEY) for name, header in headers.items()}
-    for name in {reference, CONFIG_NAME if not variant else single} - {single}:
+    # the single-file checkpoint's id is its header's; config.json is shared by every variant of the folder
+    for name in [n for n in (reference, None if variant else CONFIG_NAME) if n not in (None, single)]:
         if os.path.isfile(os.path.join(folder, name)):
             ids[name] = _json_save_id(os.path.join(folder, name))
     ids = {name: save_id for name, save_id in ids.items() if save_id is not None}  # others: by hand / other tools

@@ -61,6 +61,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .fileio import fsync_path
+
 logger = logging.get_logger(__name__)
 
 _ADAGRAD_EPS = 1e-10
@@ -306,12 +308,12 @@ class EngramTable(nn.Module):
         if not (dirty or pending):
             return
         self._check_owner()
-        _fsync(self.path)
+        fsync_path(self.path)
         if dirty:
             self._set_state("complete")
         if pending:
             os.remove(journal)
-            _fsync(os.path.dirname(os.path.abspath(journal)))
+            fsync_path(os.path.dirname(os.path.abspath(journal)))
 
     def _set_state(self, state: str):
         self._manifest = {**self._manifest, "state": state}
@@ -395,7 +397,7 @@ def create_table_file(path: str, num_rows: int, dim: int, dtype=torch.float32) -
     manifest = dict(format=_FORMAT, version=_FORMAT_VERSION, num_rows=num_rows, dim=dim, dtype=_dtype_name(dtype),
                     creation_id=uuid.uuid4().hex, state="dirty")
     with open(path, "xb") as f:  # exclusive: never truncates a file that appeared meanwhile
-        f.truncate(num_rows * dim * _element_size(dtype))
+        f.truncate(num_rows * dim * dtype.itemsize)
     _write_manifest(path, manifest)
     return _map_table_file(path, num_rows, dim, dtype), manifest
 
@@ -411,7 +413,7 @@ def open_table_file(path: str, num_rows: int, dim: int, dtype=torch.float32) -> 
         raise ValueError(f"Engram table {path} holds a [{have['num_rows']}, {have['dim']}] {have['dtype']} table "
                          f"(manifest {path}.json), not the [{num_rows}, {dim}] {want['dtype']} one asked for; pass "
                          "the table's own shape, or point engram_table_dir elsewhere.")
-    nbytes = num_rows * dim * _element_size(dtype)
+    nbytes = num_rows * dim * dtype.itemsize
     size = os.path.getsize(path) if os.path.exists(path) else None
     if size != nbytes:
         raise ValueError(f"Engram table {path} holds {size} bytes, its manifest a [{num_rows}, {dim}] "
@@ -436,19 +438,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype, device="cpu").element_size()
-
-
-def _fsync(path: str):
-    """fsync a file (or a folder: makes the renames / deletions in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_manifest(path: str, manifest: dict):
     tmp = path + ".json.tmp"
     with open(tmp, "w") as f:
@@ -456,7 +445,7 @@ def _write_manifest(path: str, manifest: dict):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path + ".json")
-    _fsync(os.path.dirname(os.path.abspath(path)))
+    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def _read_manifest(path: str) -> dict:
@@ -493,7 +482,7 @@ def _write_journal(journal: str, manifest: dict, rows: torch.Tensor, chunks, dty
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, journal)
-    _fsync(os.path.dirname(os.path.abspath(journal)))
+    fsync_path(os.path.dirname(os.path.abspath(journal)))
 
 
 def _replay_journal(path: str, weight: torch.Tensor, manifest: dict):
@@ -515,7 +504,7 @@ def _replay_journal(path: str, weight: torch.Tensor, manifest: dict):
             raise damaged(f"unreadable header: {err}") from None
         if header.get("creation_id") != manifest["creation_id"] or dim != weight.shape[1] or dtype != weight.dtype:
             raise damaged(f"it belongs to another table: header {header}")
-        start, row_bytes = f.tell(), dim * _element_size(dtype)
+        start, row_bytes = f.tell(), dim * dtype.itemsize
         if os.path.getsize(journal) != start + n * (8 + row_bytes) + 4:
             raise damaged(f"{os.path.getsize(journal)} bytes, the header says {n} rows")
         f.seek(0)
@@ -533,6 +522,6 @@ def _replay_journal(path: str, weight: torch.Tensor, manifest: dict):
             part = rows[begin:begin + _FLUSH_CHUNK]
             vals = torch.frombuffer(bytearray(f.read(part.shape[0] * row_bytes)), dtype=dtype).view(-1, dim)
             weight.index_copy_(0, part, vals)
-    _fsync(path)
+    fsync_path(path)
     os.remove(journal)
-    _fsync(os.path.dirname(os.path.abspath(path)))
+    fsync_path(os.path.dirname(os.path.abspath(path)))
