@@ -56,7 +56,9 @@ class GQAAttention(nn.Module):
         v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings[self.kind]
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        past_len = past_length(past_key_values, self.layer_idx)  # before this layer's update
+        # before this layer's update; only DSA positions its queries by it (a static layer's length is a device
+        # tensor: reading it costs a sync, so dense layers skip it)
+        past_len = past_length(past_key_values, self.layer_idx) if self.indexer is not None else 0
         if past_key_values is not None:
             k, v = cache_update(past_key_values, self.layer_idx, k, v)  # [B, Hkv, T, D]
         selection = self.selector(hidden_states, hidden_states, position_embeddings.get("indexer"), past_key_values,

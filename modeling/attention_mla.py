@@ -82,7 +82,9 @@ class MLAAttention(nn.Module):
         interleaved = self.config.rope_interleave
         q_rope = apply_rope(q_rope, cos, sin, interleaved)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, interleaved)  # [B, 1, S, dr]
-        past_len = past_length(past_key_values, self.layer_idx)  # before this layer's update
+        # before this layer's update; only DSA positions its queries by it (a static layer's length is a device
+        # tensor: reading it costs a sync, so dense layers skip it)
+        past_len = past_length(past_key_values, self.layer_idx) if self.indexer is not None else 0
         if self.config.kv_cache_dtype == "fp8_e4m3":
             c_kv, k_rope = self._fp8_cache(c_kv, k_rope, past_key_values)
         elif past_key_values is not None:

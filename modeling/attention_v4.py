@@ -28,7 +28,7 @@ from .compressor import Compressor, CompressorState
 from .fp8 import fp8_round_head
 from .indexer import head_weights, select_topk
 from .linear_weight import grouped_linear
-from .norm import RMSNorm
+from .norm import RMSNorm, inverse_rms
 from .rope import apply_rope_tail
 from .sparse_attention import query_chunk, sparse_attention
 from .sparsity import CSASelector, HCASelector, SlidingSelector, indexer_kl
@@ -202,7 +202,7 @@ class V4Attention(nn.Module):
         cos, sin = position_embeddings[self.rope_key]  # [B or 1, S, dr/2]
         q_latent = self.q_a_norm(self.q_a_proj(hidden_states))
         q = self.q_b_proj(q_latent).view(b, s, self.num_heads, self.head_dim)
-        q = q * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps).to(q.dtype)
+        q = q * inverse_rms(q, self.config.rms_norm_eps).to(q.dtype)  # per-head RMS norm without a weight
         q = apply_rope_tail(q.transpose(1, 2), cos, sin).transpose(1, 2)  # [B, S, H, D]
         kv = apply_rope_tail(self.kv_norm(self.kv_proj(hidden_states))[:, None], cos, sin)  # [B, 1, S, D]
         kv = fp8_round_head(kv, 2 * cos.shape[-1], self.fp8_block)

@@ -40,7 +40,7 @@ class IndexerPicks:
     w: torch.Tensor  # indexer head weights [B, S, Hi]
     keys: torch.Tensor  # index keys [B, T, D]
     picked: torch.Tensor  # [B, S, k] top-k positions in `keys`, -1 = none
-    query_valid: torch.Tensor  # [B, S] bool: queries the loss averages over
+    query_valid: torch.Tensor | None  # [B, S] bool: queries the loss averages over (None: no loss)
     visible: torch.Tensor | None = None  # [B or 1, S, T]: dense warm-up, the KL runs over every visible key
 
 
@@ -117,16 +117,17 @@ class DSASelector(DenseSelector):
         keys = self.indexer.keys(hidden, cos, sin)  # [B, S, D]
         if past_key_values is not None:
             keys = cache_update_indexer(past_key_values, self.layer_idx, keys)  # [B, T, D]
-        q, w = self.indexer.queries(hidden, q_input, cos, sin)
-        q_positions = (torch.arange(hidden.shape[1], device=hidden.device) + past_len)[None]  # [1, S]
         wants_loss = self.indexer.training and self.config.indexer_loss_weight > 0
         sparse = self.config.dsa_mode == "sparse"
         if not (sparse or wants_loss):  # dense warm-up, not training the indexer
             return Selection(idx=None, return_probs=True)
+        q, w = self.indexer.queries(hidden, q_input, cos, sin)
+        q_positions = (torch.arange(hidden.shape[1], device=hidden.device) + past_len)[None]  # [1, S]
         picked = self.indexer.select(q, w, keys, q_positions + 1, key_padding)  # [B, S, k]
-        b, s = q.shape[:2]
-        query_valid = (key_padding[:, q_positions[0]] if key_padding is not None
-                       else torch.ones(b, s, dtype=torch.bool, device=q.device))
+        query_valid = None  # only the loss reads it
+        if wants_loss:
+            query_valid = (key_padding[:, q_positions[0]] if key_padding is not None
+                           else torch.ones(q.shape[:2], dtype=torch.bool, device=q.device))
         visible = None if sparse else visible_keys(q_positions + 1, keys.shape[1], key_padding)
         picks = IndexerPicks(q, w, keys, picked, query_valid, visible)
         return Selection(idx=picked if sparse else None, indexer=picks, wants_loss=wants_loss,
