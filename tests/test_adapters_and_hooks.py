@@ -110,18 +110,26 @@ def test_effective_weight_of_a_lora_layer_is_the_merged_weight():
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("tokens", [1, 40])  # few rows: call on x and keep the diagonal; many: effective weight
-def test_grouped_linear_of_a_wrapped_layer_uses_the_diagonal_blocks(tokens):
+@pytest.mark.parametrize("tokens, via_weight", [(1, False), (40, True)])
+def test_grouped_linear_of_a_wrapped_layer_uses_the_diagonal_blocks(tokens, via_weight, monkeypatch):
+    """Few rows: call the layer on x and keep the diagonal blocks; many: go through its effective weight. Both
+    branches are asserted to run, against every group through every block in float64."""
+    import seekv4.modeling.linear_weight as linear_weight
+
     torch.manual_seed(0)
-    g, n, r = 4, 12, 3
+    g, n, r = 4, 32, 3  # 1 token: 1·g·g = 16 < n + g = 36 (diagonal); 40 tokens: 640 > 192 (effective weight)
     holder = nn.Sequential(nn.Linear(n, g * r, bias=True))
     lora = peft.get_peft_model(holder, peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
     layer = lora.base_model.model[0].double()
-    x = torch.randn(2, tokens, g, n, dtype=torch.float64)
+    x = torch.randn(1, tokens, g, n, dtype=torch.float64)
+    calls = []
+    affine = linear_weight._affine_parts
+    monkeypatch.setattr(linear_weight, "_affine_parts", lambda *a: calls.append(1) or affine(*a))
     with torch.no_grad():
-        per_group = layer(x).view(2, tokens, g, g, r)  # every group through every block
+        per_group = layer(x).view(1, tokens, g, g, r)  # every group through every block
         expected = torch.stack([per_group[:, :, k, k] for k in range(g)], dim=2)
         got = grouped_linear(layer, x)
+    assert bool(calls) == via_weight
     torch.testing.assert_close(got, expected)
 
 
