@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..configuration.configuration_seekv4 import CACHE_LAYER_TYPES
-from .fp8 import packed_bytes
+from .fp8 import record_bytes
 
 FP8 = "fp8_e4m3"
 
@@ -102,7 +102,7 @@ class MLAKind(_FullKVKind):
         if not _fp8(config):
             return super().cache_bytes_per_token(config, dtype_bytes)
         # one record [e4m3 latent | float32 scales | RoPE key in the model dtype] (FlashMLA's V3.2 layout)
-        record = packed_bytes(config.kv_lora_rank, config.kv_cache_fp8_block) + config.qk_rope_head_dim * dtype_bytes
+        record = record_bytes(config.kv_lora_rank, config.qk_rope_head_dim, config.kv_cache_fp8_block, dtype_bytes)
         return record + self.index_dims(config) * dtype_bytes
 
     def describe(self, config) -> str:
@@ -138,7 +138,7 @@ class V4Kind(AttentionKind):
         if not _fp8(config):
             return config.head_dim * dtype_bytes
         rope = config.qk_rope_head_dim
-        return packed_bytes(config.head_dim - rope, config.kv_cache_fp8_block) + rope * dtype_bytes
+        return record_bytes(config.head_dim - rope, rope, config.kv_cache_fp8_block, dtype_bytes)
 
     def cache_elements_per_token(self, config) -> int | float:
         if self.sparsity == "sliding":

@@ -19,7 +19,7 @@ from torch import nn
 
 from .norm import RMSNorm
 from .cache_append import amortised_capacity
-from .fp8 import fp8_round_head, pack_fp8, packed_bytes, reinterpret, unpack_fp8
+from .fp8 import fp8_round_head, pack_fp8, packed_bytes, record_bytes, reinterpret, unpack_fp8
 from .rope import apply_rope_tail
 
 
@@ -37,7 +37,7 @@ class CompressorState:
         self.ring_kv = torch.zeros(batch, 2 * ratio, proj_dim, dtype=dtype, device=device)
         self.ring_gate = torch.full((batch, 2 * ratio, proj_dim), float("-inf"), dtype=dtype, device=device)
         self.dim, self.dtype, self.fp8_block, self.rope_dim = dim, dtype, fp8_block, rope_dim
-        width = packed_bytes(dim - rope_dim, fp8_block) + rope_dim * dtype.itemsize if fp8_block else dim
+        width = record_bytes(dim - rope_dim, rope_dim, fp8_block, dtype.itemsize) if fp8_block else dim
         self.store = torch.zeros(batch, 0, width, dtype=torch.uint8 if fp8_block else dtype, device=device)
         self.length = 0  # entries in use; `store` has spare capacity past it (appends must not copy it all)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)

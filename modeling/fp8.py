@@ -55,6 +55,11 @@ def packed_bytes(dim: int, block: int) -> int:
     return dim + 4 * dim // block
 
 
+def record_bytes(fp8_dims: int, rope_dims: int, block: int, dtype_bytes: int) -> int:
+    """One cache record: `fp8_dims` e4m3 values + their float32 scales, then `rope_dims` in the model dtype."""
+    return packed_bytes(fp8_dims, block) + rope_dims * dtype_bytes
+
+
 def fp8_round_head(x: torch.Tensor, rope_dim: int, block: int | None) -> torch.Tensor:
     """FP8 round trip of the leading (non-RoPE) dims of x [..., D]; the last `rope_dim` dims stay exact."""
     if block is None:
